@@ -1,0 +1,455 @@
+"""Recipes: YAML files validated into typed, frozen dataclasses.
+
+A recipe has the sections below (`task`, `model`, `data`, `optim`, `train`, `mesh`, `checkpoint`,
+`output_dir`). `load_recipe(path, overrides)` reads the YAML, applies `section.key=value` overrides
+(values parsed as YAML scalars or lists), and validates every key and type. Every mistake raises
+`ConfigError` with one line naming the file, the key and what was wrong.
+
+To add a key: add a typed field with a default to the right dataclass. Validation, overrides,
+`jaxtune validate` and the resolved `config.yaml` of a run follow from the type hints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from jaxtune.errors import ConfigError
+
+TASKS = (
+    "sequence-classification",
+    "token-classification",
+    "causal-lm",
+    "image-classification",
+    "ctc",
+    "seq2seq",
+)
+Task = Literal[
+    "sequence-classification",
+    "token-classification",
+    "causal-lm",
+    "image-classification",
+    "ctc",
+    "seq2seq",
+]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A local HF folder, an HF hub id (resolved from the local HF cache), or pkg:PACKAGE/path.
+    path: Optional[str] = None
+    # HF config fields: overrides on top of path's config.json, or (with `model_type` and no
+    # path) a model built from scratch with random weights.
+    config: dict[str, Any] = field(default_factory=dict)
+    dtype: DType = "float32"  # parameters (master weights)
+    compute_dtype: Optional[DType] = None  # activations/matmuls; None = dtype
+    remat: bool = False  # rematerialise each layer in the backward pass
+    num_labels: Optional[int] = None  # None: from the data's labels
+    problem_type: Optional[
+        Literal["single_label_classification", "multi_label_classification", "regression"]
+    ] = None
+    dropout: Optional[float] = None  # overrides the checkpoint's hidden/attention dropout
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Data specs: tfds:NAME[/CONFIG][:SPLIT], csv:PATH, tsv:PATH, jsonl:PATH, images:DIR,
+    # idx:IMAGES_FILE,LABELS_FILE; PATH may be pkg:PACKAGE/path.
+    train: Optional[str] = None
+    validation: Optional[str] = None
+    test: Optional[str] = None
+    data_dir: Optional[str] = None  # TFDS data_dir (local or gs://)
+    cache_dir: Optional[str] = None  # where local files become array_record; default ~/.cache/jaxtune
+    encoding: str = "utf-8"
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: str = "label"
+    image_column: str = "image"
+    prompt_column: Optional[str] = None  # causal-lm pairs: loss only on the response
+    response_column: Optional[str] = None
+    max_length: int = 128
+    buckets: Optional[list[int]] = None  # padded lengths; None: powers of two up to max_length
+    pack: bool = False  # causal-lm: pack short examples into full sequences
+    validation_fraction: float = 0.1  # held out from train when no validation split is given
+    test_fraction: float = 0.0  # held out from train when no test split is given
+    split_seed: int = 0
+    deduplicate: Optional[bool] = None  # None: on for text, off otherwise
+    image_size: Optional[int] = None  # None: from the model
+    augment: bool = True  # training-time augmentation for images
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class UnfreezeConfig:
+    every: int = 0  # steps between unfreezing one more layer group (top first)
+    group_size: int = 1  # layers per group
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adamw", "adafactor", "sgd", "lion"] = "adamw"
+    lr: float = 5e-5
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    warmup: float = 0.0  # steps (>= 1) or a fraction of total steps (< 1)
+    end_lr: float = 0.0  # final lr of linear/cosine decay, as a fraction of lr
+    weight_decay: float = 0.0
+    decay_toward: Literal["zero", "pretrained"] = "zero"
+    decay_embeddings: bool = False
+    layerwise_lr_decay: Optional[float] = None
+    lr_multipliers: dict[str, float] = field(default_factory=dict)  # {path regex: factor}
+    freeze: list[str] = field(default_factory=list)  # path regexes
+    unfreeze: Optional[UnfreezeConfig] = None
+    clip_norm: Optional[float] = 1.0
+    accumulate: int = 1
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    metric: str = "loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = 3  # evaluations without improvement before stopping
+    min_delta: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 32
+    eval_batch_size: Optional[int] = None  # None: batch_size
+    steps: Optional[int] = None  # when set, wins over epochs (as HF's max_steps does)
+    epochs: Optional[float] = None  # None with steps None: 1 epoch
+    eval_every: Optional[int] = None  # steps; None: once per epoch (and at the end)
+    log_every: int = 10
+    seed: int = 0
+    early_stopping: Optional[EarlyStoppingConfig] = None
+    metric: str = "accuracy"  # the eval metric that picks the best checkpoint
+    metric_mode: Literal["min", "max"] = "max"
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+    rules: dict[str, Optional[Union[str, list[str]]]] = field(default_factory=dict)  # logical -> mesh
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: Optional[int] = None  # steps; None: at every eval
+    keep: int = 2
+    keep_best: int = 1
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class Recipe:
+    task: Task
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output_dir: Optional[str] = None  # None: runs/<recipe name>
+    name: Optional[str] = None  # None: the recipe file's stem
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: walk the raw YAML data against the dataclass type hints.
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str, src: str) -> Any:
+    """Return `value` checked (and, for dataclasses, built) as type `tp`, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where, src)
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{src}: {where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            more = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(
+                f"{src}: {where}: {value!r} is not one of {', '.join(map(str, choices))}{more}"
+            )
+        return value
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{src}: {where}: expected a mapping of keys, got {value!r}")
+        return _build(tp, value, where, src)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{src}: {where}: expected {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{where}[{i}]", src) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{src}: {where}: expected a mapping, got {value!r}")
+        ktp, vtp = typing.get_args(tp)
+        return {
+            _convert(k, ktp, where, src): _convert(v, vtp, f"{where}.{k}", src)
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{src}: {where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{src}: {where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML reads 5e-5 (no dot) as a string; accept numeric strings.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{src}: {where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{src}: {where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config type {tp!r} at {where} is not supported by the validator")
+
+
+def _build(cls, raw: dict, where: str, src: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{(where + '.') if where else ''}{near[0]}'?" if near else ""
+            raise ConfigError(f"{src}: unknown key '{path}'{hint}")
+        kwargs[key] = _convert(value, hints[key], path, src)
+    for name, f in fields.items():
+        if (
+            name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
+            path = f"{where}.{name}" if where else name
+            raise ConfigError(f"{src}: missing required key '{path}'")
+    return cls(**kwargs)
+
+
+def _check(recipe: Recipe, src: str) -> None:
+    """Cross-field rules the types cannot express."""
+    m, t, o, d = recipe.model, recipe.train, recipe.optim, recipe.data
+    if m.path is None and "model_type" not in m.config:
+        raise ConfigError(
+            f"{src}: missing required key 'model.path' (or 'model.config.model_type' for a model from scratch)"
+        )
+    positive = {
+        "train.batch_size": t.batch_size,
+        "train.log_every": t.log_every,
+        "data.max_length": d.max_length,
+        "optim.accumulate": o.accumulate,
+        "checkpoint.keep": recipe.checkpoint.keep,
+    }
+    for opt in ("train.steps", "train.eval_every", "train.eval_batch_size", "checkpoint.every"):
+        section, key = opt.split(".")
+        v = getattr(getattr(recipe, section), key)
+        if v is not None:
+            positive[opt] = v
+    if t.epochs is not None:
+        positive["train.epochs"] = t.epochs
+    for k, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{src}: {k} must be positive, got {v}")
+    if o.lr < 0:
+        raise ConfigError(f"{src}: optim.lr must be >= 0, got {o.lr}")
+    if o.weight_decay < 0:
+        raise ConfigError(f"{src}: optim.weight_decay must be >= 0, got {o.weight_decay}")
+    if o.warmup < 0:
+        raise ConfigError(f"{src}: optim.warmup must be >= 0, got {o.warmup}")
+    if o.layerwise_lr_decay is not None and not 0 < o.layerwise_lr_decay <= 1:
+        raise ConfigError(
+            f"{src}: optim.layerwise_lr_decay must be in (0, 1], got {o.layerwise_lr_decay}"
+        )
+    if o.clip_norm is not None and o.clip_norm <= 0:
+        raise ConfigError(f"{src}: optim.clip_norm must be positive or null, got {o.clip_norm}")
+    for k in ("validation_fraction", "test_fraction"):
+        v = getattr(d, k)
+        if not 0 <= v < 1:
+            raise ConfigError(f"{src}: data.{k} must be in [0, 1), got {v}")
+    if d.validation_fraction + d.test_fraction >= 1:
+        raise ConfigError(f"{src}: data.validation_fraction + data.test_fraction must be < 1")
+    for k in ("data", "fsdp", "tensor"):
+        v = getattr(recipe.mesh, k)
+        if v == 0 or v < -1:
+            raise ConfigError(f"{src}: mesh.{k} must be a positive size or -1, got {v}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (['a', 'b'], value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"malformed override '{text}': expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"malformed override '{text}': value is not valid YAML ({e.problem})")
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = dict(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for i, k in enumerate(keys[:-1]):
+            child = node.get(k)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(
+                    f"override '{text}': '{'.'.join(keys[: i + 1])}' is not a section"
+                )
+            node[k] = child = dict(child)
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"recipe file not found: {path}")
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe {path}: {e.strerror}")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {what}")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def from_dict(raw: dict, src: str = "<recipe>") -> Recipe:
+    recipe = _build(Recipe, raw, "", src)
+    _check(recipe, src)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe. `path` is a file or a bundled recipe's name."""
+    path = find_recipe(path)
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    raw.setdefault("name", path.stem)
+    return from_dict(raw, str(path))
+
+
+def to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def dump(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+def replace(recipe: Recipe, **changes) -> Recipe:
+    """`replace(r, **{'train.steps': 3})`: a validated copy with dotted keys changed."""
+    raw = to_dict(recipe)  # asdict copies deeply
+    for key, value in changes.items():
+        node = raw
+        *head, last = key.split(".")
+        for k in head:
+            if node.get(k) is None:
+                node[k] = {}
+            node = node[k]
+        node[last] = value
+    return from_dict(raw, f"<{recipe.name}>")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bundled recipes
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def bundled_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"recipe file not found: {p}")
+        return p
+    bundled = bundled_recipes()
+    if str(name_or_path) in bundled:
+        return bundled[str(name_or_path)]
+    near = difflib.get_close_matches(str(name_or_path), list(bundled), n=1)
+    hint = f"; did you mean '{near[0]}'?" if near else f"; bundled: {', '.join(bundled)}"
+    raise ConfigError(f"recipe not found: '{name_or_path}' is neither a file nor a bundled recipe{hint}")
+
+
+def recipe_header(path: Path) -> str:
+    """The first comment line of a recipe after its command line (its one-line description)."""
+    lines = [l[1:].strip() for l in path.read_text().splitlines() if l.startswith("#")]
+    desc = [l for l in lines if l and not l.startswith("jaxtune ")]
+    return desc[0] if desc else ""

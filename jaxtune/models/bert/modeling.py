@@ -1,0 +1,317 @@
+"""BERT in Flax NNX, laid out like transformers' `modeling_bert` so checkpoints map one to one.
+
+Shapes in names: B batch, T tokens, D hidden, N heads, H head dim, F intermediate, V vocab.
+RoBERTa reuses these modules with its own embeddings and heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtune.errors import ModelLoadError
+from jaxtune.models.core import (
+    ConfigBase,
+    Dropout,
+    KeySplitter,
+    ModelOutput,
+    activation,
+    as_key,
+    attention_bias,
+    call_layer,
+    dot_product_attention,
+    embed,
+    layer_norm,
+    linear,
+)
+
+
+@dataclass(frozen=True)
+class BertConfig(ConfigBase):
+    model_type = "bert"
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    position_embedding_type: str = "absolute"
+    classifier_dropout: Optional[float] = None
+
+    def __post_init__(self):
+        if self.position_embedding_type != "absolute":
+            raise ModelLoadError(
+                f"position_embedding_type '{self.position_embedding_type}' is not supported "
+                "(only 'absolute')"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ModelLoadError(
+                f"hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        activation(self.hidden_act)  # fail early on an unknown activation
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+class BertEmbeddings(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        std = cfg.initializer_range
+        self.word_embeddings = embed(cfg, cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), rngs=rngs, std=std)
+        self.position_embeddings = embed(
+            cfg, cfg.max_position_embeddings, cfg.hidden_size, ("position", "embed"), rngs=rngs, std=std
+        )
+        self.token_type_embeddings = embed(
+            cfg, cfg.type_vocab_size, cfg.hidden_size, ("type", "embed"), rngs=rngs, std=std
+        )
+        self.LayerNorm = layer_norm(cfg, cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
+
+    def default_position_ids(self, input_ids_BT):
+        return jnp.broadcast_to(jnp.arange(input_ids_BT.shape[1]), input_ids_BT.shape)
+
+    def __call__(self, input_ids_BT, token_type_ids_BT, position_ids_BT, *, deterministic, rng):
+        if position_ids_BT is None:
+            position_ids_BT = self.default_position_ids(input_ids_BT)
+        if token_type_ids_BT is None:
+            token_type_ids_BT = jnp.zeros_like(input_ids_BT)
+        x_BTD = (
+            self.word_embeddings(input_ids_BT)
+            + self.token_type_embeddings(token_type_ids_BT)
+            + self.position_embeddings(position_ids_BT)
+        )
+        return self.dropout(self.LayerNorm(x_BTD), deterministic=deterministic, rng=rng)
+
+
+class BertSelfAttention(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        D, std = cfg.hidden_size, cfg.initializer_range
+        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.query = linear(cfg, D, D, ("embed", "heads"), rngs=rngs, std=std)
+        self.key = linear(cfg, D, D, ("embed", "heads"), rngs=rngs, std=std)
+        self.value = linear(cfg, D, D, ("embed", "heads"), rngs=rngs, std=std)
+        self.dropout_rate = cfg.attention_probs_dropout_prob
+
+    def __call__(self, x_BTD, bias, *, deterministic, rng):
+        B, T, _ = x_BTD.shape
+        shape = (B, T, self.num_heads, self.head_dim)
+        q_BTNH = self.query(x_BTD).reshape(shape)
+        k_BTNH = self.key(x_BTD).reshape(shape)
+        v_BTNH = self.value(x_BTD).reshape(shape)
+        out_BTNH = dot_product_attention(
+            q_BTNH, k_BTNH, v_BTNH, bias,
+            dropout_rate=self.dropout_rate, deterministic=deterministic, rng=rng,
+        )
+        return out_BTNH.reshape(B, T, -1)
+
+
+class BertSelfOutput(nnx.Module):
+    def __init__(self, cfg: BertConfig, din: int, in_axis: str, *, rngs: nnx.Rngs):
+        self.dense = linear(cfg, din, cfg.hidden_size, (in_axis, "embed"), rngs=rngs, std=cfg.initializer_range)
+        self.LayerNorm = layer_norm(cfg, cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
+
+    def __call__(self, h, residual_BTD, *, deterministic, rng):
+        h = self.dropout(self.dense(h), deterministic=deterministic, rng=rng)
+        return self.LayerNorm(h + residual_BTD)
+
+
+class BertAttention(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        # HF names: attention.self / attention.output ('self' is fine as an attribute name here).
+        setattr(self, "self", BertSelfAttention(cfg, rngs=rngs))
+        self.output = BertSelfOutput(cfg, cfg.hidden_size, "heads", rngs=rngs)
+
+    def __call__(self, x_BTD, bias, *, deterministic, keys):
+        h = getattr(self, "self")(x_BTD, bias, deterministic=deterministic, rng=keys())
+        return self.output(h, x_BTD, deterministic=deterministic, rng=keys())
+
+
+class BertIntermediate(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.dense = linear(cfg, cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), rngs=rngs,
+                            std=cfg.initializer_range)
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, x_BTD):
+        return self.act(self.dense(x_BTD))
+
+
+class BertLayer(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.attention = BertAttention(cfg, rngs=rngs)
+        self.intermediate = BertIntermediate(cfg, rngs=rngs)
+        self.output = BertSelfOutput(cfg, cfg.intermediate_size, "mlp", rngs=rngs)
+
+    def __call__(self, x_BTD, bias, rng, *, deterministic):
+        keys = KeySplitter(rng)
+        h_BTD = self.attention(x_BTD, bias, deterministic=deterministic, keys=keys)
+        return self.output(self.intermediate(h_BTD), h_BTD, deterministic=deterministic, rng=keys())
+
+
+class BertEncoder(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.layer = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.remat = cfg.remat
+
+    def __call__(self, x_BTD, bias, *, deterministic, keys, output_hidden_states=False):
+        hidden = [x_BTD]
+        for layer in self.layer:
+            x_BTD = call_layer(self.remat, layer, x_BTD, bias, keys(), deterministic=deterministic)
+            hidden.append(x_BTD)
+        return x_BTD, (tuple(hidden) if output_hidden_states else None)
+
+
+class BertPooler(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.dense = linear(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs=rngs,
+                            std=cfg.initializer_range)
+
+    def __call__(self, x_BTD):
+        return jnp.tanh(self.dense(x_BTD[:, 0]))
+
+
+class BertModel(nnx.Module):
+    """The bare encoder: `last_hidden_state` and (with the pooler) `pooler_output`."""
+
+    hf_architecture = "BertModel"
+    embeddings_cls = BertEmbeddings
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs, add_pooling_layer: bool = True):
+        self.config = cfg
+        self.embeddings = self.embeddings_cls(cfg, rngs=rngs)
+        self.encoder = BertEncoder(cfg, rngs=rngs)
+        self.pooler = BertPooler(cfg, rngs=rngs) if add_pooling_layer else None
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        *,
+        deterministic: bool = True,
+        rngs=None,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
+        keys = KeySplitter(None if deterministic else as_key(rngs))
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        x_BTD = self.embeddings(
+            input_ids, token_type_ids, position_ids, deterministic=deterministic, rng=keys()
+        )
+        bias = attention_bias(attention_mask, jnp.float32)
+        x_BTD, hidden = self.encoder(
+            x_BTD, bias, deterministic=deterministic, keys=keys,
+            output_hidden_states=output_hidden_states,
+        )
+        pooled = self.pooler(x_BTD) if self.pooler is not None else None
+        return ModelOutput(last_hidden_state=x_BTD, pooler_output=pooled, hidden_states=hidden)
+
+
+def _classifier_dropout(cfg: BertConfig) -> float:
+    return cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
+
+
+class BertForSequenceClassification(nnx.Module):
+    """Pooled [CLS] -> dropout -> linear. Loss by `problem_type` lives in jaxtune.tasks."""
+
+    hf_architecture = "BertForSequenceClassification"
+    base_cls = BertModel
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.bert = self.base_cls(cfg, rngs=rngs)
+        self.dropout = Dropout(_classifier_dropout(cfg))
+        self.classifier = linear(cfg, cfg.hidden_size, cfg.num_labels, ("embed", "classes"), rngs=rngs,
+                                 std=cfg.initializer_range)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
+        key = None if deterministic else as_key(rngs)
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                        deterministic=deterministic, rngs=key, output_hidden_states=output_hidden_states)
+        head_rng = None if key is None else jax.random.fold_in(key, -1)
+        h = self.dropout(out.pooler_output, deterministic=deterministic, rng=head_rng)
+        return out.replace(logits=self.classifier(h).astype(jnp.float32))
+
+
+class BertForTokenClassification(nnx.Module):
+    hf_architecture = "BertForTokenClassification"
+    base_cls = BertModel
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.bert = self.base_cls(cfg, rngs=rngs, add_pooling_layer=False)
+        self.dropout = Dropout(_classifier_dropout(cfg))
+        self.classifier = linear(cfg, cfg.hidden_size, cfg.num_labels, ("embed", "classes"), rngs=rngs,
+                                 std=cfg.initializer_range)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
+        key = None if deterministic else as_key(rngs)
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                        deterministic=deterministic, rngs=key, output_hidden_states=output_hidden_states)
+        head_rng = None if key is None else jax.random.fold_in(key, -1)
+        h = self.dropout(out.last_hidden_state, deterministic=deterministic, rng=head_rng)
+        return out.replace(logits=self.classifier(h).astype(jnp.float32))
+
+
+class BertPredictionHeadTransform(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.dense = linear(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs=rngs,
+                            std=cfg.initializer_range)
+        self.act = activation(cfg.hidden_act)
+        self.LayerNorm = layer_norm(cfg, cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs)
+
+    def __call__(self, x_BTD):
+        return self.LayerNorm(self.act(self.dense(x_BTD)))
+
+
+class BertLMPredictionHead(nnx.Module):
+    """The decoder is tied to the word embeddings; only its bias is a parameter of its own."""
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.transform = BertPredictionHeadTransform(cfg, rngs=rngs)
+        self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), cfg.param_dtype), logical_axes=("vocab",))
+
+    def __call__(self, x_BTD, word_embeddings: nnx.Embed):
+        return word_embeddings.attend(self.transform(x_BTD)) + self.bias[...]
+
+
+class BertOnlyMLMHead(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.predictions = BertLMPredictionHead(cfg, rngs=rngs)
+
+    def __call__(self, x_BTD, word_embeddings):
+        return self.predictions(x_BTD, word_embeddings)
+
+
+class BertForMaskedLM(nnx.Module):
+    hf_architecture = "BertForMaskedLM"
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.bert = BertModel(cfg, rngs=rngs, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(cfg, rngs=rngs)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                        deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states)
+        logits = self.cls(out.last_hidden_state, self.bert.embeddings.word_embeddings)
+        return out.replace(logits=logits.astype(jnp.float32))

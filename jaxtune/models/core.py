@@ -1,0 +1,459 @@
+"""What every model family shares: config plumbing, outputs, layers, the family record.
+
+Conventions every family follows (the optimizer, sharding and I/O rely on them):
+
+- Parameters are `nnx.Param`s whose metadata `logical_axes` names each dimension
+  (`vocab`, `embed`, `mlp`, `heads`, `kv`, `position`, `type`, `classes`, ...), or None.
+  `jaxtune.parallel` maps these names to mesh axes; no model code mentions a mesh.
+- Leaf names: `nnx.Linear` -> `kernel` (in, out) / `bias`; `nnx.LayerNorm` -> `scale` / `bias`;
+  `nnx.Embed` -> `embedding`. Weight-decay masks key on these names.
+- Module attributes are named like the Hugging Face modules, so a jaxtune path such as
+  `bert/encoder/layer/3/attention/self/query/kernel` maps mechanically to the HF key
+  `bert.encoder.layer.3.attention.self.query.weight` (see `KeyRule`).
+- A model is called like its HF twin: `model(input_ids=..., attention_mask=...)` returns a
+  `ModelOutput` with `.logits` (heads) or `.last_hidden_state` (base models). Training mode is
+  `deterministic=False` with `rngs=` a PRNG key for dropout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Keys HF writes into every config.json that are not architecture hyper-parameters.
+_HF_BOOKKEEPING = {
+    "architectures",
+    "model_type",
+    "id2label",
+    "label2id",
+    "num_labels",
+    "problem_type",
+    "transformers_version",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+}
+
+
+@dataclass(frozen=True)
+class ConfigBase:
+    """Fields every family config has; families subclass it with their HF fields.
+
+    Frozen and hashable (it lives in the model's static graph). HF fields a family does not model
+    are kept in `extra` (JSON strings) so that export writes them back unchanged.
+    """
+
+    model_type: ClassVar[str] = ""
+    # HF field name -> our field name, for families whose HF names differ from ours.
+    hf_aliases: ClassVar[dict[str, str]] = {}
+
+    num_labels: int = 2
+    id2label: Optional[tuple[str, ...]] = None
+    problem_type: Optional[str] = None
+    dtype: str = "float32"  # parameter dtype
+    compute_dtype: Optional[str] = None  # None: same as dtype
+    remat: bool = False
+    extra: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def param_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def activation_dtype(self):
+        return DTYPES[self.compute_dtype or self.dtype]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.id2label or tuple(f"LABEL_{i}" for i in range(self.num_labels))
+
+    @classmethod
+    def from_hf(cls, hf: dict, **overrides) -> "ConfigBase":
+        """Build from a config.json dict; `overrides` (our field names) win; None is ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs, extra = {}, {}
+        for key, value in hf.items():
+            name = cls.hf_aliases.get(key, key)
+            if name in names and name not in ("id2label", "extra", "num_labels", "dtype"):
+                kwargs[name] = tuple(value) if isinstance(value, list) else value
+            elif key not in _HF_BOOKKEEPING:
+                extra[key] = json.dumps(value)
+        id2label = hf.get("id2label")
+        if id2label:
+            kwargs["id2label"] = tuple(id2label[k] for k in sorted(id2label, key=int))
+            kwargs["num_labels"] = len(id2label)
+        elif hf.get("num_labels"):
+            kwargs["num_labels"] = hf["num_labels"]
+        if "problem_type" in hf:
+            kwargs["problem_type"] = hf["problem_type"]
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "id2label" in overrides:
+            overrides["id2label"] = tuple(overrides["id2label"])
+            overrides.setdefault("num_labels", len(overrides["id2label"]))
+        if "num_labels" in overrides and "id2label" not in overrides:
+            if kwargs.get("id2label") and len(kwargs["id2label"]) != overrides["num_labels"]:
+                kwargs["id2label"] = None
+        kwargs.update(overrides)
+        kwargs["extra"] = tuple(sorted(extra.items()))
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict:
+        """The config.json dict transformers expects (our fields under their HF names)."""
+        ours = {"num_labels", "id2label", "problem_type", "dtype", "compute_dtype", "remat", "extra"}
+        to_hf_name = {v: k for k, v in self.hf_aliases.items()}
+        out = {"model_type": self.model_type}
+        for f in dataclasses.fields(self):
+            if f.name not in ours:
+                value = getattr(self, f.name)
+                out[to_hf_name.get(f.name, f.name)] = list(value) if isinstance(value, tuple) else value
+        for key, value in self.extra:
+            out.setdefault(key, json.loads(value))
+        labels = self.labels
+        out["id2label"] = {str(i): name for i, name in enumerate(labels)}
+        out["label2id"] = {name: i for i, name in enumerate(labels)}
+        if self.problem_type:
+            out["problem_type"] = self.problem_type
+        out["dtype"] = self.dtype
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """What every model returns; unused fields stay None (a pytree, so jit can return it)."""
+
+    logits: Optional[jax.Array] = None
+    last_hidden_state: Optional[jax.Array] = None
+    pooler_output: Optional[jax.Array] = None
+    hidden_states: Optional[tuple[jax.Array, ...]] = None
+    past_key_values: Any = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+def _gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu": _gelu_exact,
+    "gelu_python": _gelu_exact,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "linear": lambda x: x,
+}
+
+
+def activation(name: str) -> Callable:
+    if name not in ACTIVATIONS:
+        from jaxtune.errors import ModelLoadError
+
+        raise ModelLoadError(
+            f"hidden_act '{name}' is not supported; supported: {', '.join(sorted(ACTIVATIONS))}"
+        )
+    return ACTIVATIONS[name]
+
+
+def normal(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+def linear(
+    cfg: ConfigBase, din: int, dout: int, axes: tuple, *, rngs: nnx.Rngs, std: float = 0.02,
+    use_bias: bool = True,
+) -> nnx.Linear:
+    """An nnx.Linear whose kernel (din, dout) and bias (dout,) carry logical axis names."""
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=use_bias,
+        dtype=cfg.activation_dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=normal(std),
+        bias_init=nnx.initializers.zeros_init(),
+        kernel_metadata={"logical_axes": tuple(axes)},
+        bias_metadata={"logical_axes": (axes[1],)},
+        rngs=rngs,
+    )
+
+
+def embed(cfg: ConfigBase, num: int, dim: int, axes: tuple, *, rngs: nnx.Rngs, std: float = 0.02):
+    return nnx.Embed(
+        num,
+        dim,
+        dtype=cfg.activation_dtype,
+        param_dtype=cfg.param_dtype,
+        embedding_init=normal(std),
+        embedding_metadata={"logical_axes": tuple(axes)},
+        rngs=rngs,
+    )
+
+
+def layer_norm(cfg: ConfigBase, dim: int, eps: float, *, rngs: nnx.Rngs, axis: str = "embed"):
+    # Exact variance (not E[x^2] - E[x]^2) so fp32 matches PyTorch to 1e-5.
+    return nnx.LayerNorm(
+        dim,
+        epsilon=eps,
+        dtype=cfg.activation_dtype,
+        param_dtype=cfg.param_dtype,
+        use_fast_variance=False,
+        scale_metadata={"logical_axes": (axis,)},
+        bias_metadata={"logical_axes": (axis,)},
+        rngs=rngs,
+    )
+
+
+def attention_bias(mask_BS: Optional[jax.Array], dtype) -> Optional[jax.Array]:
+    """(batch, keys) 1/0 mask -> additive (batch, 1, 1, keys) bias: 0 where kept, -big where masked."""
+    if mask_BS is None:
+        return None
+    return jnp.where(mask_BS[:, None, None, :].astype(bool), 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
+def dot_product_attention(
+    q_BTNH: jax.Array,
+    k_BSNH: jax.Array,
+    v_BSNH: jax.Array,
+    bias: Optional[jax.Array] = None,
+    *,
+    dropout_rate: float = 0.0,
+    deterministic: bool = True,
+    rng: Optional[jax.Array] = None,
+) -> jax.Array:
+    """Softmax attention, (batch, queries, heads, head_dim) layout; bias broadcasts to BNTS.
+
+    Softmax runs in float32 whatever the compute dtype. One function for every family, so a
+    faster formulation lands everywhere at once.
+    """
+    dtype = q_BTNH.dtype
+    scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
+    scores_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH * jnp.asarray(scale, dtype), k_BSNH)
+    scores_BNTS = scores_BNTS.astype(jnp.float32)
+    if bias is not None:
+        scores_BNTS = scores_BNTS + bias.astype(jnp.float32)
+    probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(dtype)
+    if not deterministic and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(rng, 1.0 - dropout_rate, probs_BNTS.shape)
+        probs_BNTS = jnp.where(keep, probs_BNTS / (1.0 - dropout_rate), 0).astype(dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BSNH)
+
+
+class Dropout(nnx.Module):
+    """Dropout driven by an explicit key, so train steps stay pure functions of (state, batch)."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+
+    def __call__(self, x, *, deterministic: bool, rng: Optional[jax.Array]):
+        if deterministic or self.rate == 0.0:
+            return x
+        if rng is None:
+            raise ValueError("dropout in training mode needs rngs=<PRNG key>")
+        keep = jax.random.bernoulli(rng, 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+
+
+class KeySplitter:
+    """Hands out fresh keys from one PRNG key: `next(keys)`; None in eval mode."""
+
+    def __init__(self, rng: Optional[jax.Array]):
+        self._rng, self._count = rng, 0
+
+    def __call__(self) -> Optional[jax.Array]:
+        if self._rng is None:
+            return None
+        self._count += 1
+        return jax.random.fold_in(self._rng, self._count)
+
+
+def as_key(rngs) -> Optional[jax.Array]:
+    """Accept a PRNG key, an nnx.Rngs (its 'dropout' stream) or None."""
+    if rngs is None or isinstance(rngs, jax.Array):
+        return rngs
+    if isinstance(rngs, nnx.Rngs):
+        return rngs["dropout"]() if "dropout" in rngs else rngs.default()
+    raise TypeError(f"rngs must be a PRNG key or nnx.Rngs, got {type(rngs).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Families: how HF checkpoints map onto a family's modules.
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """One row of a key table: a jaxtune path regex -> HF key template, with array transforms.
+
+    Paths are '/'-joined (`bert/encoder/layer/0/attention/self/query/kernel`). The first rule whose
+    `pattern` matches wins; `hf` is an `re.sub` template; `to_hf`/`from_hf` convert the array.
+    """
+
+    pattern: str
+    hf: str
+    to_hf: Callable[[np.ndarray], np.ndarray] = lambda a: a
+    from_hf: Callable[[np.ndarray], np.ndarray] = lambda a: a
+
+
+def _t(a):
+    return np.ascontiguousarray(np.swapaxes(a, -1, -2))
+
+
+# Linear kernels are (in, out) here and (out, in) in PyTorch.
+DEFAULT_RULES = (
+    KeyRule(r"^(.*)/kernel$", r"\1/weight", _t, _t),
+    KeyRule(r"^(.*)/embedding$", r"\1/weight"),
+    KeyRule(r"^(.*)/scale$", r"\1/weight"),
+    KeyRule(r"^(.*)$", r"\1"),
+)
+
+# Checkpoint key renames older HF checkpoints need (as transformers does on load).
+LEGACY_RENAMES = ((re.compile(r"\.gamma$"), ".weight"), (re.compile(r"\.beta$"), ".bias"))
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything jaxtune needs to know about one HF architecture family."""
+
+    model_type: str  # the canonical HF model_type
+    config_cls: type
+    heads: dict  # task -> nnx.Module class; 'base' is the bare encoder/decoder
+    base_prefix: str  # attribute holding the base model inside a head ('bert', 'transformer')
+    depth_of: Callable[[Any, tuple], int]  # (config, path) -> 0 embeddings .. L+1 head
+    num_layers: Callable[[Any], int]
+    key_rules: tuple = ()  # family rules, tried before DEFAULT_RULES
+    ignore_keys: tuple = ()  # checkpoint key regexes to skip silently (buffers, tied copies)
+    new_ok: tuple = ()  # jaxtune path regexes that may start fresh (task heads, pooler)
+    aliases: tuple = ()  # other HF model_types served by this family (xlm-roberta)
+
+    def head(self, task: str):
+        from jaxtune.errors import ModelLoadError
+
+        if task not in self.heads:
+            raise ModelLoadError(
+                f"task '{task}' is not supported by {self.model_type} models; "
+                f"supported: {', '.join(t for t in self.heads if t != 'base')}"
+            )
+        return self.heads[task]
+
+    def task_of(self, architecture: str) -> Optional[str]:
+        for task, cls in self.heads.items():
+            if getattr(cls, "hf_architecture", None) == architecture:
+                return task
+        return None
+
+    def to_hf_key(self, path: str) -> tuple[str, Callable, Callable]:
+        for rule in self.key_rules + DEFAULT_RULES:
+            if re.match(rule.pattern, path):
+                return re.sub(rule.pattern, rule.hf, path).replace("/", "."), rule.to_hf, rule.from_hf
+        raise AssertionError("DEFAULT_RULES ends with a catch-all")
+
+
+def path_str(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+    """Nested dict -> {path tuple: leaf}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def unflatten(flat: dict[tuple, Any]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional view of a model: (graphdef, params dict, rest) <-> nnx.Module
+
+
+def split(model: nnx.Module):
+    """model -> (graphdef, params as a plain nested dict, other state)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, params.to_pure_dict(), rest
+
+
+def merge(graphdef, params: dict, rest=None) -> nnx.Module:
+    return nnx.merge(graphdef, params, rest) if rest is not None else nnx.merge(graphdef, params)
+
+
+def logical_axes(model: nnx.Module) -> dict:
+    """A dict shaped like the params whose leaves are tuples of logical axis names (None: unnamed)."""
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    flat = {}
+    for path, var in nnx.to_flat_state(params):
+        axes = var.get_metadata().get("logical_axes")
+        flat[tuple(path)] = tuple(axes) if axes is not None else (None,) * len(var.shape)
+    return unflatten(flat)
+
+
+def abstract_model(cls, config, seed: int = 0) -> nnx.Module:
+    """The model's structure with ShapeDtypeStructs instead of arrays: nothing is initialised."""
+    return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(seed)))
+
+
+def depth_tree(family: Family, config, params: dict) -> dict:
+    """A dict shaped like the params holding each parameter's depth (0 .. num_layers + 1)."""
+    return unflatten({p: family.depth_of(config, p) for p in flatten(params)})
+
+
+def call_layer(remat: bool, layer: nnx.Module, *args, deterministic: bool):
+    """`layer(*args, deterministic=...)`, rematerialised in the backward pass when `remat`."""
+    if not remat:
+        return layer(*args, deterministic=deterministic)
+    return nnx.remat(lambda mod, *a: mod(*a, deterministic=deterministic))(layer, *args)
+
+
+def layered_depth(embed_key: str, layers_key: str, num_layers: Callable[[Any], int]):
+    """A depth function: paths through `embed_key` -> 0, `layers_key/i` -> i + 1, the rest L + 1."""
+
+    def depth_of(config, path: tuple) -> int:
+        for i, part in enumerate(path):
+            if part == embed_key:
+                return 0
+            if part == layers_key and i + 1 < len(path) and isinstance(path[i + 1], int):
+                return path[i + 1] + 1
+        return num_layers(config) + 1
+
+    return depth_of
