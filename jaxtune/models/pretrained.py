@@ -113,13 +113,16 @@ def from_pretrained(
     shardings: Shardings = None,
     ignore_mismatched_sizes: bool = False,
     seed: int = 0,
-) -> nnx.Module:
+    output_loading_info: bool = False,
+):
     """Load an HF folder (or cached hub id) as a jaxtune model for `task`.
 
     `task`: 'base', 'sequence-classification', 'token-classification', 'masked-lm', ... (None: from
     the checkpoint's `architectures`). `shardings`: None (default device), a dict of Shardings shaped
     like the params, or a function of the abstract model returning one. `ignore_mismatched_sizes`
     re-initialises parameters whose shape differs (a 2-label head loaded for 3 labels).
+    `output_loading_info=True` returns `(model, info)` as transformers does; `info['fresh']` lists
+    the param paths initialised from scratch (L2-SP decays those toward zero).
     """
     folder = hf.resolve_model_dir(path_or_id)
     hf_config = hf.read_config(folder)
@@ -139,8 +142,9 @@ def from_pretrained(
         remat=remat,
     )
     reader = hf.CheckpointReader(folder)
-    return load_weights(family, task, config, reader, shardings=shardings,
-                        ignore_mismatched_sizes=ignore_mismatched_sizes, seed=seed)
+    model, info = load_weights(family, task, config, reader, shardings=shardings,
+                               ignore_mismatched_sizes=ignore_mismatched_sizes, seed=seed)
+    return (model, info) if output_loading_info else model
 
 
 def load_weights(
@@ -152,7 +156,8 @@ def load_weights(
     shardings: Shardings = None,
     ignore_mismatched_sizes: bool = False,
     seed: int = 0,
-) -> nnx.Module:
+) -> tuple[nnx.Module, dict]:
+    """Fill an abstract `family.head(task)` from `reader`; returns (model, loading info)."""
     cls = family.head(task)
     abstract = abstract_model(cls, config, seed)
     graphdef, abs_params, rest = split(abstract)
@@ -228,7 +233,13 @@ def load_weights(
             cls.__name__,
             ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""),
         )
-    return merge(graphdef, unflatten(loaded), rest)
+    info = {
+        "fresh": fresh,
+        "missing_keys": [k for _, k in missing],
+        "unexpected_keys": unexpected,
+        "mismatched_keys": [k for _, k, *_ in mismatched],
+    }
+    return merge(graphdef, unflatten(loaded), rest), info
 
 
 def _init_subset(cls, config, paths: list[tuple], flat_sh: Optional[dict], seed: int) -> dict:
