@@ -89,7 +89,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class UnfreezeConfig:
-    every: int = 0  # steps between unfreezing one more layer group (top first)
+    # Gradual unfreezing (ULMFiT): the head always trains; the top `group_size` layers train from
+    # update 0 and one more group (embeddings count as the lowest layer) every `every` updates.
+    every: int = 0  # optimizer updates between unfreezing one more layer group (>= 1)
     group_size: int = 1  # layers per group
 
 
@@ -109,9 +111,9 @@ class OptimConfig:
     unfreeze: Optional[UnfreezeConfig] = None
     clip_norm: Optional[float] = 1.0
     accumulate: int = 1
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
+    b1: float = 0.9  # adamw, lion
+    b2: Optional[float] = None  # None: 0.999 for adamw, 0.99 for lion (adafactor: its own decay)
+    eps: Optional[float] = None  # None: 1e-8 for adamw, 1e-30 for adafactor
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
 
@@ -307,18 +309,11 @@ def _check(recipe: Recipe, src: str) -> None:
     for k, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{src}: {k} must be positive, got {v}")
-    if o.lr < 0:
-        raise ConfigError(f"{src}: optim.lr must be >= 0, got {o.lr}")
-    if o.weight_decay < 0:
-        raise ConfigError(f"{src}: optim.weight_decay must be >= 0, got {o.weight_decay}")
-    if o.warmup < 0:
-        raise ConfigError(f"{src}: optim.warmup must be >= 0, got {o.warmup}")
-    if o.layerwise_lr_decay is not None and not 0 < o.layerwise_lr_decay <= 1:
+    check_optim(o, src)
+    if t.steps is not None and o.warmup >= 1 and o.warmup > t.steps:
         raise ConfigError(
-            f"{src}: optim.layerwise_lr_decay must be in (0, 1], got {o.layerwise_lr_decay}"
+            f"{src}: optim.warmup ({o.warmup:g} steps) is longer than training (train.steps={t.steps})"
         )
-    if o.clip_norm is not None and o.clip_norm <= 0:
-        raise ConfigError(f"{src}: optim.clip_norm must be positive or null, got {o.clip_norm}")
     for k in ("validation_fraction", "test_fraction"):
         v = getattr(d, k)
         if not 0 <= v < 1:
@@ -329,6 +324,61 @@ def _check(recipe: Recipe, src: str) -> None:
         v = getattr(recipe.mesh, k)
         if v == 0 or v < -1:
             raise ConfigError(f"{src}: mesh.{k} must be a positive size or -1, got {v}")
+
+
+def check_optim(o: OptimConfig, src: str = "") -> None:
+    """The optim section's own rules (also run by `jaxtune.optim.make_optimizer`)."""
+    import re
+
+    at = f"{src}: " if src else ""
+
+    def bad(msg: str):
+        raise ConfigError(f"{at}optim.{msg}")
+
+    if o.name not in ("adamw", "adafactor", "sgd", "lion"):
+        near = difflib.get_close_matches(str(o.name), ["adamw", "adafactor", "sgd", "lion"], n=1)
+        bad(f"name: {o.name!r} is not one of adamw, adafactor, sgd, lion"
+            + (f" (did you mean '{near[0]}'?)" if near else ""))
+    if o.schedule not in ("constant", "linear", "cosine"):
+        bad(f"schedule: {o.schedule!r} is not one of constant, linear, cosine")
+    if o.decay_toward not in ("zero", "pretrained"):
+        bad(f"decay_toward: {o.decay_toward!r} is not one of zero, pretrained")
+    if o.lr < 0:
+        bad(f"lr must be >= 0, got {o.lr}")
+    if o.weight_decay < 0:
+        bad(f"weight_decay must be >= 0, got {o.weight_decay}")
+    if o.warmup < 0:
+        bad(f"warmup must be >= 0, got {o.warmup}")
+    if o.warmup >= 1 and o.warmup != int(o.warmup):
+        bad(f"warmup must be a whole number of steps (>= 1) or a fraction (< 1), got {o.warmup}")
+    if o.end_lr < 0:
+        bad(f"end_lr must be >= 0 (a fraction of optim.lr), got {o.end_lr}")
+    if o.layerwise_lr_decay is not None and not 0 < o.layerwise_lr_decay <= 1:
+        bad(f"layerwise_lr_decay must be in (0, 1], got {o.layerwise_lr_decay}")
+    if o.clip_norm is not None and o.clip_norm <= 0:
+        bad(f"clip_norm must be positive or null, got {o.clip_norm}")
+    if o.accumulate < 1:
+        bad(f"accumulate must be positive, got {o.accumulate}")
+    for k in ("b1", "b2", "momentum"):
+        v = getattr(o, k)
+        if v is not None and not 0 <= v < 1:
+            bad(f"{k} must be in [0, 1), got {v}")
+    if o.eps is not None and o.eps <= 0:
+        bad(f"eps must be positive, got {o.eps}")
+    for key, patterns in (("lr_multipliers", list(o.lr_multipliers)), ("freeze", list(o.freeze))):
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                bad(f"{key}: invalid regex {pattern!r}: {e}")
+    for pattern, factor in o.lr_multipliers.items():
+        if factor < 0:
+            bad(f"lr_multipliers: factor for {pattern!r} must be >= 0, got {factor}")
+    if o.unfreeze is not None:
+        if o.unfreeze.every < 1:
+            bad(f"unfreeze.every must be >= 1 (updates between groups), got {o.unfreeze.every}")
+        if o.unfreeze.group_size < 1:
+            bad(f"unfreeze.group_size must be >= 1, got {o.unfreeze.group_size}")
 
 
 # ---------------------------------------------------------------------------------------------
