@@ -84,7 +84,13 @@ class DataConfig:
     deduplicate: Optional[bool] = None  # None: on for text, off otherwise
     image_size: Optional[int] = None  # None: from the model
     augment: bool = True  # training-time augmentation for images
-    num_workers: int = 0
+    num_workers: int = 0  # Grain worker processes preparing batches (0: threads in this process)
+    labels: Optional[list[str]] = None  # class names in id order; None: sorted labels of train
+    skip_bad_rows: bool = False  # drop (and report) unparseable rows instead of failing
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random resized crop area
+    hflip: bool = True  # random horizontal flips when augmenting
+    num_threads: int = 2  # threads preparing batches in each process
+    prefetch: int = 4  # batches prepared ahead
 
 
 @dataclass(frozen=True)

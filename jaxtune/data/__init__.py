@@ -1,0 +1,77 @@
+"""Data: TFDS datasets and local files, through one Grain pipeline.
+
+    from jaxtune.data import build_data, load_tokenizer
+
+    data = build_data(
+        recipe.data, recipe.task,
+        tokenizer=load_tokenizer(recipe.model.path),  # text tasks: the model folder's fast tokenizer
+        image_processor=None,        # image tasks: {'size', 'mean', 'std'} or the model folder's
+                                     # preprocessor_config.json dict (image_settings_from_model)
+        batch_size=32,               # GLOBAL batch size (all processes together)
+        eval_batch_size=64,          # GLOBAL; default batch_size
+        seed=recipe.train.seed,      # train shuffling (epoch e uses seed + e) and augmentation
+        shard_index=None, shard_count=None,  # default jax.process_index() / jax.process_count()
+        cache_dir=None,              # default data.cache_dir, else $JAXTUNE_CACHE/data
+        problem_type=None,           # model.problem_type; None: decided by the labels
+    )
+    data.label_names        # class names in id order (export as id2label), None for causal-lm
+    data.num_labels         # len(label_names); 1 for regression
+    data.problem_type       # sequence-classification: single_label_classification, ...
+    data.num_examples       # {'train': n, 'validation': n, 'test': n} (splits that exist)
+    data.report             # per file: rows read, kept, dropped and why; str() is readable
+    data.summary()          # all of the above as lines for the log
+    data.steps_per_epoch    # ceil(num_examples['train'] / batch_size)
+    data.buckets            # text: the padded lengths a batch can have
+    it = data.train_iterator()    # endless; next(it) -> this process's share of a global batch
+    state = it.get_state()        # small JSON-able dict; it.set_state(state) resumes exactly
+    for batch in data.eval_batches('validation'): ...   # finite, each example once
+
+With Orbax, save the iterator beside the train state (Grain's handler, one JSON per process):
+
+    import grain, orbax.checkpoint as ocp
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            data=grain.checkpoint.CheckpointSave(it)))
+    it = data.train_iterator()
+    mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                               data=grain.checkpoint.CheckpointRestore(it)))
+
+Batches are dicts of numpy arrays with a fixed leading size b = batch_size / shard_count:
+- text (sequence-classification): input_ids, attention_mask, [token_type_ids] int32 (b, T);
+  labels int32 (b,) | float32 (b, K) multi-hot | float32 (b,) regression
+- token-classification: the same inputs; labels int32 (b, T), -100 where no loss (later
+  sub-tokens of a word, special tokens, padding)
+- causal-lm: input_ids, attention_mask, labels int32 (b, T) = input ids with -100 on prompt
+  tokens and padding (the loss shifts)
+- image-classification: pixel_values float32 (b, C, H, W), labels int32 (b,)
+- always: weights float32 (b,), 1 for real examples, 0 for the filler rows of a last batch.
+T is one of data.buckets (the smallest holding the longest sequence of the global batch).
+
+Data specs (`data.train|validation|test`): `tfds:NAME[/CONFIG][:SPLIT]`, `csv:PATH`, `tsv:PATH`,
+`jsonl:PATH`, `images:DIR`, `idx:IMAGES[,LABELS]`; PATH may be `pkg:PACKAGE/path`. Local files
+are converted once to a TFDS array_record dataset under the cache dir (see `jaxtune.data.local`).
+Without a validation (test) spec, data.validation_fraction (test_fraction) of train is held out,
+seeded and stratified; identical texts are kept in the first split only (data.deduplicate).
+Labels map to ids in sorted order (numeric when all are integers), or data.labels' order.
+"""
+
+from jaxtune.data.image import ImageSettings, image_settings_from_model
+from jaxtune.data.pipeline import Data, build_data, prepare
+from jaxtune.data.report import DataReport, FileReport
+from jaxtune.data.specs import Spec, parse_spec
+from jaxtune.data.text import load_tokenizer, make_buckets
+from jaxtune.errors import DataError
+
+__all__ = [
+    "Data",
+    "DataError",
+    "DataReport",
+    "FileReport",
+    "ImageSettings",
+    "Spec",
+    "build_data",
+    "image_settings_from_model",
+    "load_tokenizer",
+    "make_buckets",
+    "parse_spec",
+    "prepare",
+]
