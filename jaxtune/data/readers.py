@@ -260,8 +260,10 @@ def _add(table: Table, schema: Schema, cfg, path, line: int, raw: dict) -> None:
             texts = row["tokens"]
         else:
             row = {k: (_as_label(v, schema) if k == "label" else _as_text(v)) for k, v in raw.items()}
+            if "prompt" in row:
+                row["prompt"] = row["prompt"] or ""  # a prompt may be empty
             texts = [row[k] for k in schema.text_keys]
-            required = [row[k] for k in schema.text_keys if k != "prompt"]  # a prompt may be empty
+            required = [row[k] for k in schema.text_keys if k != "prompt"]
             if any(t is None or not t.strip() for t in required):
                 report.drop("empty text", line)
                 return

@@ -120,11 +120,11 @@ class TextEncoder:
 
     def _lm(self, e: dict) -> tuple:
         eos = self.tok.eos_token_id
-        if "prompt" in e:
+        if e.get("prompt"):
             prompt = self.tok(e["prompt"])["input_ids"]  # with the tokenizer's BOS, if any
             response = self.tok(e["response"], add_special_tokens=False)["input_ids"]
-        else:
-            prompt, response = [], self.tok(e["text"])["input_ids"]
+        else:  # plain text, or a pair with an empty prompt: loss on every token
+            prompt, response = [], self.tok(e.get("text", e.get("response")))["input_ids"]
         if eos is not None and (not response or response[-1] != eos):
             response = response + [eos]  # teach the model to stop
         ids = (prompt + response)[: self.max_length]

@@ -92,13 +92,16 @@ def test_token_classification_labels_first_subtoken(cfg, tmp_path, tokenizer):
 
 
 def test_causal_lm_masks_prompt_and_padding(cfg, tmp_path, tokenizer):
-    rows = [{"q": "what is two plus two", "a": "four"}, {"q": "say hi", "a": "hello there friend"}]
+    rows = [{"q": "what is two plus two", "a": "four"}, {"q": "say hi", "a": "hello there friend"},
+            {"q": None, "a": "no prompt at all"}, {"q": "no answer", "a": ""}]
     (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     data = _build({"train": f"jsonl:{tmp_path}/qa.jsonl", "prompt_column": "q", "response_column": "a",
                    "validation_fraction": 0.0, "max_length": 32}, cfg, tmp_path, "causal-lm",
-                  tokenizer=tokenizer, batch_size=2)
+                  tokenizer=tokenizer, batch_size=3)
+    assert data.num_examples == {"train": 3} and data.report[0].dropped == {"empty text": 1}
     b = next(data.eval_batches("train"))
     assert set(b) == {"input_ids", "attention_mask", "labels", "weights"}
+    assert (b["labels"][2][b["attention_mask"][2] == 1] != -100).all()  # no prompt: loss on every token
     ids, labels, mask = b["input_ids"], b["labels"], b["attention_mask"]
     prompt = tokenizer(rows[0]["q"])["input_ids"]
     response = tokenizer(rows[0]["a"], add_special_tokens=False)["input_ids"]
@@ -147,6 +150,25 @@ def test_image_folder(cfg, tmp_path):
     t0 = next(plain.train_iterator())
     np.testing.assert_array_equal(t0["labels"], t1["labels"])  # same examples, same order
     assert not np.allclose(t0["pixel_values"], t1["pixel_values"])  # cropped / flipped
+    # Two processes draw the same crops for their rows as one process does for the whole batch.
+    halves = [next(build_data(data.cfg, "image-classification", image_processor=settings, batch_size=4, seed=5,
+                              shard_index=i, shard_count=2, cache_dir=tmp_path / "cache").train_iterator())
+              for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h["pixel_values"] for h in halves]), t1["pixel_values"])
+
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(not os.path.exists(f"{FASHION}/t10k-images-idx3-ubyte.gz"), reason="Debian dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_idx(cfg, tmp_path):
+    data = _build({"train": f"idx:{FASHION}/t10k-images-idx3-ubyte.gz"}, cfg, tmp_path, "image-classification",
+                  batch_size=50)
+    assert data.num_examples == {"train": 9000, "validation": 1000}
+    val = data.splits["validation"]
+    assert np.bincount([e["label"] for e in val.get_many(range(1000))]).tolist() == [100] * 10  # stratified
+    b = next(data.train_iterator())
+    assert b["pixel_values"].shape == (50, 1, 28, 28) and 0.1 < b["pixel_values"].mean() < 0.6
 
 
 def _idx(a: np.ndarray) -> bytes:
@@ -217,3 +239,25 @@ def test_cache_is_reused_and_rebuilt_on_change(cfg, tmp_path, numbered_csv, monk
     option = prepare(cfg(train=f"csv:{path}", split_seed=1), "sequence-classification", cache_dir=tmp_path / "cache")
     assert calls == [1, 1] and option.location not in (first.location, changed.location)
     assert not [p for p in os.listdir(tmp_path / "cache" / "local") if p.startswith(".tmp")]
+
+
+def test_causal_lm_with_bos_eos_and_no_pad_token(cfg, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "a", "b", "c", "d"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert tok.pad_token_id is None
+    (tmp_path / "lm.jsonl").write_text('{"p": "a b", "r": "c d"}\n{"p": "a", "r": "b b b b b b b b b b b b"}\n')
+    data = _build({"train": f"jsonl:{tmp_path}/lm.jsonl", "prompt_column": "p", "response_column": "r",
+                   "validation_fraction": 0.0, "max_length": 16}, cfg, tmp_path, "causal-lm", tokenizer=tok,
+                  batch_size=2)
+    b = next(data.eval_batches("train"))
+    assert b["input_ids"].shape == (2, 16)
+    np.testing.assert_array_equal(b["input_ids"][0, :6], [1, 3, 4, 5, 6, 2])  # <s> a b c d </s>
+    np.testing.assert_array_equal(b["labels"][0, :6], [-100, -100, -100, 5, 6, 2])
+    assert (b["input_ids"][0, 6:] == 2).all() and (b["labels"][0, 6:] == -100).all()  # padded with eos, no loss
+    assert b["attention_mask"][1].sum() == 15  # <s> a + 12 b + </s>
