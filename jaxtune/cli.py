@@ -80,5 +80,26 @@ def run_cmd(recipe, overrides, restart):
     run(cfg, restart=restart)
 
 
+@main.command("verify")
+@click.argument("model_dir")
+@click.option("--task", default=None, help="Head to compare (default: from the checkpoint's architectures).")
+@click.option("--atol", default=1e-4, show_default=True, help="Largest max-abs difference that passes.")
+@click.option("--batch", default=2, show_default=True, help="Rows in the random batch.")
+@click.option("--seq", default=16, show_default=True, help="Tokens per row (rows are right-padded).")
+@user_errors
+def verify_cmd(model_dir, task, atol, batch, seq):
+    """Compare jaxtune with transformers (PyTorch) on MODEL_DIR; exit 1 above --atol."""
+    from jaxtune.models.verify import verify
+
+    task, diffs = verify(model_dir, task, batch=batch, seq=seq)
+    click.echo(f"{model_dir} (task {task}, batch {batch}x{seq}, padded, fp32)")
+    for name, diff in diffs.items():
+        click.echo(f"  {name:<18} max abs diff {diff:.3e}  {'ok' if diff <= atol else 'FAIL'}")
+    if any(not diff <= atol for diff in diffs.values()):  # NaN fails too
+        click.echo(f"FAIL: above atol {atol:g}", err=True)
+        sys.exit(1)
+    click.echo(f"ok: every output within atol {atol:g}")
+
+
 if __name__ == "__main__":
     main()

@@ -209,13 +209,15 @@ def linear(
     )
 
 
-def embed(cfg: ConfigBase, num: int, dim: int, axes: tuple, *, rngs: nnx.Rngs, std: float = 0.02):
+def embed(cfg: ConfigBase, num: int, dim: int, axes: tuple, *, rngs: nnx.Rngs, std: float = 0.02,
+          init: Optional[Callable] = None):
+    """An nnx.Embed (num, dim) with logical axis names; `init` replaces the normal(std) initialiser."""
     return nnx.Embed(
         num,
         dim,
         dtype=cfg.activation_dtype,
         param_dtype=cfg.param_dtype,
-        embedding_init=normal(std),
+        embedding_init=init or normal(std),
         embedding_metadata={"logical_axes": tuple(axes)},
         rngs=rngs,
     )
@@ -286,7 +288,7 @@ class Dropout(nnx.Module):
 
 
 class KeySplitter:
-    """Hands out fresh keys from one PRNG key: `next(keys)`; None in eval mode."""
+    """Hands out fresh keys from one PRNG key: `keys()`; None in eval mode."""
 
     def __init__(self, rng: Optional[jax.Array]):
         self._rng, self._count = rng, 0
@@ -296,6 +298,15 @@ class KeySplitter:
             return None
         self._count += 1
         return jax.random.fold_in(self._rng, self._count)
+
+
+# fold_in data for a task head's dropout stream, apart from the base model's 1, 2, ... (uint32).
+HEAD_STREAM = 2**31 - 1
+
+
+def head_keys(key: Optional[jax.Array]) -> KeySplitter:
+    """Dropout keys for a task head, independent of those its base model used."""
+    return KeySplitter(None if key is None else jax.random.fold_in(key, HEAD_STREAM))
 
 
 def as_key(rngs) -> Optional[jax.Array]:
@@ -354,7 +365,6 @@ class Family:
     key_rules: tuple = ()  # family rules, tried before DEFAULT_RULES
     ignore_keys: tuple = ()  # checkpoint key regexes to skip silently (buffers, tied copies)
     new_ok: tuple = ()  # jaxtune path regexes that may start fresh (task heads, pooler)
-    aliases: tuple = ()  # other HF model_types served by this family (xlm-roberta)
 
     def head(self, task: str):
         from jaxtune.errors import ModelLoadError
@@ -362,7 +372,7 @@ class Family:
         if task not in self.heads:
             raise ModelLoadError(
                 f"task '{task}' is not supported by {self.model_type} models; "
-                f"supported: {', '.join(t for t in self.heads if t != 'base')}"
+                f"supported: {', '.join(self.heads)}"
             )
         return self.heads[task]
 

@@ -9,12 +9,13 @@ collected and reported together.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +40,12 @@ from jaxtune.models.core import (
 log = logging.getLogger("jaxtune")
 
 # HF model_type -> module defining FAMILY. A family lands here once its parity tests pass.
+# A module serving several model_types maps each to its Family in a `FAMILIES` dict.
 REGISTRY = {
     "bert": "jaxtune.models.bert",
+    "distilbert": "jaxtune.models.distilbert",
+    "roberta": "jaxtune.models.roberta",
+    "xlm-roberta": "jaxtune.models.roberta",
 }
 
 
@@ -53,7 +58,8 @@ def get_family(model_type: Optional[str]) -> Family:
         raise ModelLoadError(
             f"unsupported model_type '{model_type}'; supported: {', '.join(supported_model_types())}"
         )
-    return importlib.import_module(REGISTRY[model_type]).FAMILY
+    module = importlib.import_module(REGISTRY[model_type])
+    return getattr(module, "FAMILIES", {}).get(model_type) or module.FAMILY
 
 
 def family_of(model: nnx.Module) -> Family:
@@ -159,7 +165,7 @@ def load_weights(
 ) -> tuple[nnx.Module, dict]:
     """Fill an abstract `family.head(task)` from `reader`; returns (model, loading info)."""
     cls = family.head(task)
-    abstract = abstract_model(cls, config, seed)
+    abstract = _abstract(cls, config, seed)
     graphdef, abs_params, rest = split(abstract)
     flat_abs = flatten(abs_params)
     flat_sh = _shardings_for(shardings, abstract)
@@ -185,7 +191,7 @@ def load_weights(
 
     loaded, missing, mismatched, used = {}, [], [], set()
     for path, abs_leaf in flat_abs.items():
-        hf_key, _, from_hf = family.to_hf_key(path_str(path))
+        hf_key, to_hf, from_hf = family.to_hf_key(path_str(path))
         key = ckpt_key(hf_key)
         if key not in ckpt:
             missing.append((path, key))
@@ -193,7 +199,9 @@ def load_weights(
         used.add(key)
         array = from_hf(reader.get(ckpt[key]))
         if tuple(array.shape) != tuple(abs_leaf.shape):
-            mismatched.append((path, key, tuple(array.shape), tuple(abs_leaf.shape)))
+            # Both shapes in the checkpoint's layout (PyTorch (out, in) for kernels).
+            expected = to_hf(np.broadcast_to(np.zeros((), np.int8), abs_leaf.shape)).shape
+            mismatched.append((path, key, reader.shape(ckpt[key]), tuple(expected)))
             continue
         array = np.asarray(array, dtype=abs_leaf.dtype)
         loaded[path] = place(array, flat_sh[path] if flat_sh else None)
@@ -242,16 +250,28 @@ def load_weights(
     return merge(graphdef, unflatten(loaded), rest), info
 
 
-def _init_subset(cls, config, paths: list[tuple], flat_sh: Optional[dict], seed: int) -> dict:
-    """Initialise only `paths` of a fresh model: XLA drops the rest of the initialisation."""
+@functools.lru_cache(maxsize=16)
+def _abstract(cls, config, seed: int) -> nnx.Module:
+    """`abstract_model`, cached: tracing the initialisers costs more than reading small checkpoints.
 
+    Only `split` and shardings functions see it; nothing mutates it.
+    """
+    return abstract_model(cls, config, seed)
+
+
+@functools.lru_cache(maxsize=16)
+def _subset_initializer(cls, config, seed: int, paths: tuple, out_shardings: Optional[tuple]):
     def init():
-        _, params, _ = split(cls(config, rngs=nnx.Rngs(seed)))
-        flat = flatten(params)
+        flat = flatten(split(cls(config, rngs=nnx.Rngs(seed)))[1])
         return [flat[p] for p in paths]
 
-    out_shardings = [flat_sh[p] for p in paths] if flat_sh else None
-    values = jax.jit(init, out_shardings=out_shardings)()
+    return jax.jit(init, out_shardings=list(out_shardings) if out_shardings else None)
+
+
+def _init_subset(cls, config, paths: list[tuple], flat_sh: Optional[dict], seed: int) -> dict:
+    """Initialise only `paths` of a fresh model: XLA drops the rest of the initialisation."""
+    out_shardings = tuple(flat_sh[p] for p in paths) if flat_sh else None
+    values = _subset_initializer(cls, config, seed, tuple(paths), out_shardings)()
     return dict(zip(paths, values))
 
 
@@ -270,6 +290,8 @@ def from_config(
         family = get_family(config.get("model_type"))
         config = make_config(family, config, **overrides)
     cls = family.head(task)
+    if shardings is None:  # eagerly: per-op kernels are cached across calls, a jit is not
+        return cls(config, rngs=nnx.Rngs(seed))
     abstract = abstract_model(cls, config, seed)
     graphdef, _, rest = split(abstract)
     flat_sh = _shardings_for(shardings, abstract)
@@ -298,8 +320,8 @@ def export_tensors(model: nnx.Module, params: Optional[dict] = None) -> dict[str
     for path, array in flatten(params).items():
         hf_key, to_hf, _ = family.to_hf_key(path_str(path))
         host = _to_host(array)
-        if host.dtype not in (np.float32, np.float16):
-            host = host.astype(np.float32)  # numpy safetensors has no bfloat16
+        if host.dtype not in (np.float32, np.float16, jnp.bfloat16):
+            host = host.astype(np.float32)
         tensors[hf_key] = to_hf(host)
     return tensors
 

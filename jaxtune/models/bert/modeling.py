@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -25,6 +24,7 @@ from jaxtune.models.core import (
     call_layer,
     dot_product_attention,
     embed,
+    head_keys,
     layer_norm,
     linear,
 )
@@ -49,8 +49,12 @@ class BertConfig(ConfigBase):
     pad_token_id: int = 0
     position_embedding_type: str = "absolute"
     classifier_dropout: Optional[float] = None
+    is_decoder: bool = False
+    tie_word_embeddings: bool = True
 
     def __post_init__(self):
+        if self.is_decoder:
+            raise ModelLoadError(f"{self.model_type}: is_decoder=true (causal attention) is not supported")
         if self.position_embedding_type != "absolute":
             raise ModelLoadError(
                 f"position_embedding_type '{self.position_embedding_type}' is not supported "
@@ -227,47 +231,69 @@ def _classifier_dropout(cfg: BertConfig) -> float:
     return cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
 
 
-class BertForSequenceClassification(nnx.Module):
+class BertTaskModel(nnx.Module):
+    """What every task head shares: the base model under HF's `base_model_prefix` attribute.
+
+    Other families reuse the heads by changing `base_prefix` / `base_cls` (RoBERTa: 'roberta').
+    """
+
+    base_prefix = "bert"
+    base_cls = BertModel
+    add_pooling_layer = False
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        setattr(self, self.base_prefix, self.base_cls(cfg, rngs=rngs, add_pooling_layer=self.add_pooling_layer))
+
+    def encode(self, input_ids, attention_mask, token_type_ids, position_ids, *, deterministic, rngs,
+               output_hidden_states) -> tuple[ModelOutput, KeySplitter]:
+        """Run the base model; returns its output and the dropout keys left for the head."""
+        key = None if deterministic else as_key(rngs)
+        out = getattr(self, self.base_prefix)(
+            input_ids, attention_mask, token_type_ids, position_ids,
+            deterministic=deterministic, rngs=key, output_hidden_states=output_hidden_states,
+        )
+        return out, head_keys(key)
+
+    @property
+    def word_embeddings(self) -> nnx.Embed:
+        return getattr(self, self.base_prefix).embeddings.word_embeddings
+
+
+class BertForSequenceClassification(BertTaskModel):
     """Pooled [CLS] -> dropout -> linear. Loss by `problem_type` lives in jaxtune.tasks."""
 
     hf_architecture = "BertForSequenceClassification"
-    base_cls = BertModel
+    add_pooling_layer = True
 
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
-        self.config = cfg
-        self.bert = self.base_cls(cfg, rngs=rngs)
+        super().__init__(cfg, rngs=rngs)
         self.dropout = Dropout(_classifier_dropout(cfg))
         self.classifier = linear(cfg, cfg.hidden_size, cfg.num_labels, ("embed", "classes"), rngs=rngs,
                                  std=cfg.initializer_range)
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
                  deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
-        key = None if deterministic else as_key(rngs)
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
-                        deterministic=deterministic, rngs=key, output_hidden_states=output_hidden_states)
-        head_rng = None if key is None else jax.random.fold_in(key, -1)
-        h = self.dropout(out.pooler_output, deterministic=deterministic, rng=head_rng)
+        out, keys = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
+                                deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states)
+        h = self.dropout(out.pooler_output, deterministic=deterministic, rng=keys())
         return out.replace(logits=self.classifier(h).astype(jnp.float32))
 
 
-class BertForTokenClassification(nnx.Module):
+class BertForTokenClassification(BertTaskModel):
     hf_architecture = "BertForTokenClassification"
-    base_cls = BertModel
 
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
-        self.config = cfg
-        self.bert = self.base_cls(cfg, rngs=rngs, add_pooling_layer=False)
+        super().__init__(cfg, rngs=rngs)
         self.dropout = Dropout(_classifier_dropout(cfg))
         self.classifier = linear(cfg, cfg.hidden_size, cfg.num_labels, ("embed", "classes"), rngs=rngs,
                                  std=cfg.initializer_range)
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
                  deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
-        key = None if deterministic else as_key(rngs)
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
-                        deterministic=deterministic, rngs=key, output_hidden_states=output_hidden_states)
-        head_rng = None if key is None else jax.random.fold_in(key, -1)
-        h = self.dropout(out.last_hidden_state, deterministic=deterministic, rng=head_rng)
+        out, keys = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
+                                deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states)
+        h = self.dropout(out.last_hidden_state, deterministic=deterministic, rng=keys())
         return out.replace(logits=self.classifier(h).astype(jnp.float32))
 
 
@@ -282,12 +308,21 @@ class BertPredictionHeadTransform(nnx.Module):
         return self.LayerNorm(self.act(self.dense(x_BTD)))
 
 
+def tied_decoder_bias(cfg: ConfigBase, vocab_size: int) -> nnx.Param:
+    """The bias of an MLM decoder whose weight is the (tied) word-embedding matrix."""
+    if not getattr(cfg, "tie_word_embeddings", True):
+        raise ModelLoadError(
+            f"{cfg.model_type}: tie_word_embeddings=false (an untied MLM decoder) is not supported"
+        )
+    return nnx.Param(jnp.zeros((vocab_size,), cfg.param_dtype), logical_axes=("vocab",))
+
+
 class BertLMPredictionHead(nnx.Module):
     """The decoder is tied to the word embeddings; only its bias is a parameter of its own."""
 
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
         self.transform = BertPredictionHeadTransform(cfg, rngs=rngs)
-        self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), cfg.param_dtype), logical_axes=("vocab",))
+        self.bias = tied_decoder_bias(cfg, cfg.vocab_size)
 
     def __call__(self, x_BTD, word_embeddings: nnx.Embed):
         return word_embeddings.attend(self.transform(x_BTD)) + self.bias[...]
@@ -301,17 +336,16 @@ class BertOnlyMLMHead(nnx.Module):
         return self.predictions(x_BTD, word_embeddings)
 
 
-class BertForMaskedLM(nnx.Module):
+class BertForMaskedLM(BertTaskModel):
     hf_architecture = "BertForMaskedLM"
 
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
-        self.config = cfg
-        self.bert = BertModel(cfg, rngs=rngs, add_pooling_layer=False)
+        super().__init__(cfg, rngs=rngs)
         self.cls = BertOnlyMLMHead(cfg, rngs=rngs)
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
                  deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
-                        deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states)
-        logits = self.cls(out.last_hidden_state, self.bert.embeddings.word_embeddings)
+        out, _ = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
+                             deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states)
+        logits = self.cls(out.last_hidden_state, self.word_embeddings)
         return out.replace(logits=logits.astype(jnp.float32))

@@ -1,0 +1,282 @@
+"""DistilBERT in Flax NNX, laid out like transformers' `modeling_distilbert`.
+
+A 6-layer BERT without token types or pooler, post-LN blocks named `attention` (q_lin, k_lin,
+v_lin, out_lin), `sa_layer_norm`, `ffn` (lin1, lin2), `output_layer_norm`; every LayerNorm uses
+eps 1e-12. Config fields keep their HF names (dim, n_layers, n_heads, hidden_dim, ...).
+Shapes in names: B batch, T tokens, D dim, N heads, H head dim, F hidden_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtune.errors import ModelLoadError
+from jaxtune.models.bert.modeling import tied_decoder_bias
+from jaxtune.models.core import (
+    ConfigBase,
+    Dropout,
+    KeySplitter,
+    ModelOutput,
+    activation,
+    as_key,
+    attention_bias,
+    call_layer,
+    dot_product_attention,
+    embed,
+    head_keys,
+    layer_norm,
+    linear,
+)
+
+LN_EPS = 1e-12  # hard-coded in transformers' DistilBERT
+
+
+@dataclass(frozen=True)
+class DistilBertConfig(ConfigBase):
+    model_type = "distilbert"
+
+    vocab_size: int = 30522
+    max_position_embeddings: int = 512
+    sinusoidal_pos_embds: bool = False
+    n_layers: int = 6
+    n_heads: int = 12
+    dim: int = 768
+    hidden_dim: int = 3072
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation: str = "gelu"
+    initializer_range: float = 0.02
+    qa_dropout: float = 0.1
+    seq_classif_dropout: float = 0.2
+    pad_token_id: int = 0
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ModelLoadError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
+        activation(self.activation)  # fail early on an unknown activation
+
+    # BERT-style names, as transformers' attribute_map offers them.
+    @property
+    def hidden_size(self) -> int:
+        return self.dim
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layers
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+def sinusoidal_table(n_pos: int, dim: int) -> np.ndarray:
+    """transformers' create_sinusoidal_embeddings: sin on even columns, cos on odd ones."""
+    pos = np.arange(n_pos)[:, None]
+    j = np.arange(dim)[None, :]
+    angle = pos / np.power(10000, 2 * (j // 2) / dim)
+    return np.where(j % 2 == 0, np.sin(angle), np.cos(angle)).astype(np.float32)
+
+
+def sinusoidal_init(key, shape, dtype=jnp.float32):
+    del key  # deterministic
+    return jnp.asarray(sinusoidal_table(*shape), dtype)
+
+
+class Embeddings(nnx.Module):
+    def __init__(self, cfg: DistilBertConfig, *, rngs: nnx.Rngs):
+        std = cfg.initializer_range
+        self.word_embeddings = embed(cfg, cfg.vocab_size, cfg.dim, ("vocab", "embed"), rngs=rngs, std=std)
+        # With sinusoidal_pos_embds a fresh model starts from the fixed table, as in transformers.
+        init = sinusoidal_init if cfg.sinusoidal_pos_embds else None
+        self.position_embeddings = embed(cfg, cfg.max_position_embeddings, cfg.dim, ("position", "embed"),
+                                         rngs=rngs, std=std, init=init)
+        self.LayerNorm = layer_norm(cfg, cfg.dim, LN_EPS, rngs=rngs)
+        self.dropout = Dropout(cfg.dropout)
+
+    def __call__(self, input_ids_BT, position_ids_BT, *, deterministic, rng):
+        if position_ids_BT is None:
+            position_ids_BT = jnp.broadcast_to(jnp.arange(input_ids_BT.shape[1]), input_ids_BT.shape)
+        x_BTD = self.word_embeddings(input_ids_BT) + self.position_embeddings(position_ids_BT)
+        return self.dropout(self.LayerNorm(x_BTD), deterministic=deterministic, rng=rng)
+
+
+class DistilBertSelfAttention(nnx.Module):
+    def __init__(self, cfg: DistilBertConfig, *, rngs: nnx.Rngs):
+        D, std = cfg.dim, cfg.initializer_range
+        self.num_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.q_lin = linear(cfg, D, D, ("embed", "heads"), rngs=rngs, std=std)
+        self.k_lin = linear(cfg, D, D, ("embed", "heads"), rngs=rngs, std=std)
+        self.v_lin = linear(cfg, D, D, ("embed", "heads"), rngs=rngs, std=std)
+        self.out_lin = linear(cfg, D, D, ("heads", "embed"), rngs=rngs, std=std)
+        self.dropout_rate = cfg.attention_dropout
+
+    def __call__(self, x_BTD, bias, *, deterministic, rng):
+        B, T, _ = x_BTD.shape
+        shape = (B, T, self.num_heads, self.head_dim)
+        out_BTNH = dot_product_attention(
+            self.q_lin(x_BTD).reshape(shape),
+            self.k_lin(x_BTD).reshape(shape),
+            self.v_lin(x_BTD).reshape(shape),
+            bias,
+            dropout_rate=self.dropout_rate, deterministic=deterministic, rng=rng,
+        )
+        return self.out_lin(out_BTNH.reshape(B, T, -1))
+
+
+class FFN(nnx.Module):
+    def __init__(self, cfg: DistilBertConfig, *, rngs: nnx.Rngs):
+        std = cfg.initializer_range
+        self.lin1 = linear(cfg, cfg.dim, cfg.hidden_dim, ("embed", "mlp"), rngs=rngs, std=std)
+        self.lin2 = linear(cfg, cfg.hidden_dim, cfg.dim, ("mlp", "embed"), rngs=rngs, std=std)
+        self.act = activation(cfg.activation)
+        self.dropout = Dropout(cfg.dropout)
+
+    def __call__(self, x_BTD, *, deterministic, rng):
+        return self.dropout(self.lin2(self.act(self.lin1(x_BTD))), deterministic=deterministic, rng=rng)
+
+
+class TransformerBlock(nnx.Module):
+    def __init__(self, cfg: DistilBertConfig, *, rngs: nnx.Rngs):
+        self.attention = DistilBertSelfAttention(cfg, rngs=rngs)
+        self.sa_layer_norm = layer_norm(cfg, cfg.dim, LN_EPS, rngs=rngs)
+        self.ffn = FFN(cfg, rngs=rngs)
+        self.output_layer_norm = layer_norm(cfg, cfg.dim, LN_EPS, rngs=rngs)
+
+    def __call__(self, x_BTD, bias, rng, *, deterministic):
+        keys = KeySplitter(rng)
+        h_BTD = self.sa_layer_norm(self.attention(x_BTD, bias, deterministic=deterministic, rng=keys()) + x_BTD)
+        return self.output_layer_norm(self.ffn(h_BTD, deterministic=deterministic, rng=keys()) + h_BTD)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: DistilBertConfig, *, rngs: nnx.Rngs):
+        self.layer = nnx.List([TransformerBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.remat = cfg.remat
+
+    def __call__(self, x_BTD, bias, *, deterministic, keys, output_hidden_states=False):
+        hidden = [x_BTD]
+        for layer in self.layer:
+            x_BTD = call_layer(self.remat, layer, x_BTD, bias, keys(), deterministic=deterministic)
+            hidden.append(x_BTD)
+        return x_BTD, (tuple(hidden) if output_hidden_states else None)
+
+
+class DistilBertModel(nnx.Module):
+    """The bare encoder: `last_hidden_state` (no pooler).
+
+    `token_type_ids` is accepted so that batches built for BERT run unchanged, and ignored:
+    DistilBERT has no token-type embeddings (transformers does not take the argument at all).
+    """
+
+    hf_architecture = "DistilBertModel"
+
+    def __init__(self, cfg: DistilBertConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embeddings = Embeddings(cfg, rngs=rngs)
+        self.transformer = Transformer(cfg, rngs=rngs)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False) -> ModelOutput:
+        del token_type_ids  # see the class docstring
+        keys = KeySplitter(None if deterministic else as_key(rngs))
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        x_BTD = self.embeddings(input_ids, position_ids, deterministic=deterministic, rng=keys())
+        x_BTD, hidden = self.transformer(
+            x_BTD, attention_bias(attention_mask, jnp.float32), deterministic=deterministic, keys=keys,
+            output_hidden_states=output_hidden_states,
+        )
+        return ModelOutput(last_hidden_state=x_BTD, hidden_states=hidden)
+
+
+class DistilBertTaskModel(nnx.Module):
+    """The base model under `distilbert`, as in transformers."""
+
+    def __init__(self, cfg: DistilBertConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.distilbert = DistilBertModel(cfg, rngs=rngs)
+
+    def encode(self, input_ids, attention_mask, position_ids, *, deterministic, rngs, output_hidden_states):
+        key = None if deterministic else as_key(rngs)
+        out = self.distilbert(input_ids, attention_mask, None, position_ids, deterministic=deterministic,
+                              rngs=key, output_hidden_states=output_hidden_states)
+        return out, head_keys(key)
+
+
+class DistilBertForSequenceClassification(DistilBertTaskModel):
+    """First token -> pre_classifier -> relu -> dropout -> classifier."""
+
+    hf_architecture = "DistilBertForSequenceClassification"
+
+    def __init__(self, cfg: DistilBertConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        std = cfg.initializer_range
+        self.pre_classifier = linear(cfg, cfg.dim, cfg.dim, ("embed", None), rngs=rngs, std=std)
+        self.classifier = linear(cfg, cfg.dim, cfg.num_labels, (None, "classes"), rngs=rngs, std=std)
+        self.dropout = Dropout(cfg.seq_classif_dropout)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
+        out, keys = self.encode(input_ids, attention_mask, position_ids, deterministic=deterministic,
+                                rngs=rngs, output_hidden_states=output_hidden_states)
+        h_BD = jax.nn.relu(self.pre_classifier(out.last_hidden_state[:, 0]))
+        h_BD = self.dropout(h_BD, deterministic=deterministic, rng=keys())
+        return out.replace(logits=self.classifier(h_BD).astype(jnp.float32))
+
+
+class DistilBertForTokenClassification(DistilBertTaskModel):
+    hf_architecture = "DistilBertForTokenClassification"
+
+    def __init__(self, cfg: DistilBertConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.dropout = Dropout(cfg.dropout)
+        self.classifier = linear(cfg, cfg.dim, cfg.num_labels, ("embed", "classes"), rngs=rngs,
+                                 std=cfg.initializer_range)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
+        out, keys = self.encode(input_ids, attention_mask, position_ids, deterministic=deterministic,
+                                rngs=rngs, output_hidden_states=output_hidden_states)
+        h_BTD = self.dropout(out.last_hidden_state, deterministic=deterministic, rng=keys())
+        return out.replace(logits=self.classifier(h_BTD).astype(jnp.float32))
+
+
+class TiedProjector(nnx.Module):
+    """`vocab_projector`: its weight is the word-embedding matrix, only the bias is its own."""
+
+    def __init__(self, cfg: DistilBertConfig):
+        self.bias = tied_decoder_bias(cfg, cfg.vocab_size)
+
+    def __call__(self, x_BTD, word_embeddings: nnx.Embed):
+        return word_embeddings.attend(x_BTD) + self.bias[...]
+
+
+class DistilBertForMaskedLM(DistilBertTaskModel):
+    """vocab_transform -> activation -> vocab_layer_norm -> vocab_projector (tied)."""
+
+    hf_architecture = "DistilBertForMaskedLM"
+
+    def __init__(self, cfg: DistilBertConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.vocab_transform = linear(cfg, cfg.dim, cfg.dim, ("embed", None), rngs=rngs, std=cfg.initializer_range)
+        self.act = activation(cfg.activation)
+        self.vocab_layer_norm = layer_norm(cfg, cfg.dim, LN_EPS, rngs=rngs)
+        self.vocab_projector = TiedProjector(cfg)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
+        out, _ = self.encode(input_ids, attention_mask, position_ids, deterministic=deterministic,
+                             rngs=rngs, output_hidden_states=output_hidden_states)
+        h_BTD = self.vocab_layer_norm(self.act(self.vocab_transform(out.last_hidden_state)))
+        logits = self.vocab_projector(h_BTD, self.distilbert.embeddings.word_embeddings)
+        return out.replace(logits=logits.astype(jnp.float32))

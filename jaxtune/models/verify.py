@@ -1,0 +1,91 @@
+"""`jaxtune verify`: run one padded random batch through jaxtune and transformers (PyTorch).
+
+Token-level outputs (last_hidden_state, token / MLM logits) are compared on non-padded positions
+only: what a model computes for padding is never used and differs between implementations.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+
+from jaxtune.errors import ModelLoadError
+
+# jaxtune task -> the transformers Auto class that loads the same head.
+HF_AUTO_CLASSES = {
+    "base": "AutoModel",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "masked-lm": "AutoModelForMaskedLM",
+}
+
+
+def random_batch(config, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random token ids with right padding (row i keeps seq - i * seq // (2 * batch) tokens)."""
+    rng = np.random.default_rng(seed)
+    pad = getattr(config, "pad_token_id", 0) or 0
+    ids = rng.integers(0, config.vocab_size, (batch, seq))
+    ids = np.where(ids == pad, (pad + 1) % config.vocab_size, ids)  # real tokens are never pad
+    lengths = [max(1, seq - i * seq // (2 * batch)) for i in range(batch)]
+    mask = (np.arange(seq)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
+    out = {"input_ids": np.where(mask == 1, ids, pad).astype(np.int64), "attention_mask": mask}
+    if getattr(config, "type_vocab_size", 1) > 1:
+        out["token_type_ids"] = (rng.integers(0, config.type_vocab_size, (batch, seq)) * mask).astype(np.int64)
+    return out
+
+
+def max_abs_diffs(ours, theirs, mask: np.ndarray, task: str) -> dict[str, float]:
+    """{output name: max |ours - theirs|}; `theirs` is a transformers ModelOutput."""
+    keep = mask.astype(bool)
+    diffs = {}
+    if task != "base":
+        a, b = np.asarray(ours.logits, np.float64), theirs.logits.detach().double().numpy()
+        if task == "sequence-classification":
+            diffs["logits"] = float(np.abs(a - b).max())
+        else:
+            diffs["logits"] = float(np.abs(a[keep] - b[keep]).max())
+    hidden = theirs.hidden_states[-1] if task != "base" else theirs.last_hidden_state
+    a, b = np.asarray(ours.last_hidden_state, np.float64), hidden.detach().double().numpy()
+    diffs["last_hidden_state"] = float(np.abs(a[keep] - b[keep]).max())
+    if ours.pooler_output is not None and getattr(theirs, "pooler_output", None) is not None:
+        a, b = np.asarray(ours.pooler_output, np.float64), theirs.pooler_output.detach().double().numpy()
+        diffs["pooler_output"] = float(np.abs(a - b).max())
+    return diffs
+
+
+def verify(model_dir: str | os.PathLike, task: Optional[str] = None, *, batch: int = 2, seq: int = 16,
+           seed: int = 0) -> tuple[str, dict[str, float]]:
+    """Load `model_dir` in both libraries, run one batch; returns (task, {output: max abs diff})."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise ModelLoadError(f"verify needs PyTorch and transformers to compare against ({e})")
+    from jaxtune.models import hf
+    from jaxtune.models.pretrained import _resolve_task, from_pretrained, get_family
+
+    folder = hf.resolve_model_dir(model_dir)
+    family = get_family(hf.read_config(folder).get("model_type"))
+    task = _resolve_task(family, hf.read_config(folder), task)
+    if task not in HF_AUTO_CLASSES:
+        raise ModelLoadError(f"verify does not know the transformers class for task '{task}'")
+    ours = from_pretrained(folder, task=task, dtype="float32")
+    inputs = random_batch(ours.config, batch, seq, seed)
+
+    transformers.utils.logging.disable_progress_bar()
+    auto = getattr(transformers, HF_AUTO_CLASSES[task])
+    try:
+        theirs = auto.from_pretrained(str(folder), dtype=torch.float32).eval()
+    except Exception as e:  # transformers' own loading error, as one line
+        raise ModelLoadError(f"{folder}: transformers cannot load it: {str(e).splitlines()[0]}")
+    with torch.no_grad():
+        ref = theirs(**{k: torch.from_numpy(v) for k, v in inputs.items()}, output_hidden_states=True)
+    import jax
+
+    # Full fp32 matmuls: on GPUs/TPUs the default precision may use TF32/bf16 passes, which would
+    # hide implementation errors below (or raise them above) the tolerance.
+    with jax.default_matmul_precision("highest"):
+        out = ours(**inputs)
+    return task, max_abs_diffs(out, ref, inputs["attention_mask"], task)
