@@ -253,14 +253,15 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     deterministic: bool = True,
     rng: Optional[jax.Array] = None,
+    scale: Optional[float] = None,
 ) -> jax.Array:
     """Softmax attention, (batch, queries, heads, head_dim) layout; bias broadcasts to BNTS.
 
     Softmax runs in float32 whatever the compute dtype. One function for every family, so a
-    faster formulation lands everywhere at once.
+    faster formulation lands everywhere at once. `scale` defaults to 1 / sqrt(head_dim).
     """
     dtype = q_BTNH.dtype
-    scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
+    scale = 1.0 / math.sqrt(q_BTNH.shape[-1]) if scale is None else scale
     scores_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH * jnp.asarray(scale, dtype), k_BSNH)
     scores_BNTS = scores_BNTS.astype(jnp.float32)
     if bias is not None:

@@ -44,8 +44,10 @@ log = logging.getLogger("jaxtune")
 REGISTRY = {
     "bert": "jaxtune.models.bert",
     "distilbert": "jaxtune.models.distilbert",
+    "gpt2": "jaxtune.models.gpt2",
     "roberta": "jaxtune.models.roberta",
     "xlm-roberta": "jaxtune.models.roberta",
+    "vit": "jaxtune.models.vit",
 }
 
 

@@ -19,12 +19,20 @@ HF_AUTO_CLASSES = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "token-classification": "AutoModelForTokenClassification",
     "masked-lm": "AutoModelForMaskedLM",
+    "causal-lm": "AutoModelForCausalLM",
+    "image-classification": "AutoModelForImageClassification",
 }
+# Tasks with one output per example (compared in full); the others are per token.
+EXAMPLE_LEVEL = ("sequence-classification", "image-classification")
 
 
 def random_batch(config, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random token ids with right padding (row i keeps seq - i * seq // (2 * batch) tokens)."""
+    """Random token ids with right padding (row i keeps seq - i * seq // (2 * batch) tokens);
+    for image models (a config with `num_channels`), random pixel_values (B, C, H, W)."""
     rng = np.random.default_rng(seed)
+    if hasattr(config, "num_channels") and hasattr(config, "image_hw"):
+        shape = (batch, config.num_channels, *config.image_hw)
+        return {"pixel_values": rng.normal(size=shape).astype(np.float32)}
     pad = getattr(config, "pad_token_id", 0) or 0
     ids = rng.integers(0, config.vocab_size, (batch, seq))
     ids = np.where(ids == pad, (pad + 1) % config.vocab_size, ids)  # real tokens are never pad
@@ -36,18 +44,21 @@ def random_batch(config, batch: int, seq: int, seed: int = 0) -> dict[str, np.nd
     return out
 
 
-def max_abs_diffs(ours, theirs, mask: np.ndarray, task: str) -> dict[str, float]:
-    """{output name: max |ours - theirs|}; `theirs` is a transformers ModelOutput."""
-    keep = mask.astype(bool)
+def max_abs_diffs(ours, theirs, mask: Optional[np.ndarray], task: str) -> dict[str, float]:
+    """{output name: max |ours - theirs|}; `theirs` is a transformers ModelOutput. `mask` None:
+    every position counts (image models). Heads are compared on their last `hidden_states` entry
+    (as transformers defines it: ViT's is before the final layernorm)."""
+    keep = Ellipsis if mask is None else mask.astype(bool)
     diffs = {}
     if task != "base":
         a, b = np.asarray(ours.logits, np.float64), theirs.logits.detach().double().numpy()
-        if task == "sequence-classification":
+        if task in EXAMPLE_LEVEL:
             diffs["logits"] = float(np.abs(a - b).max())
         else:
             diffs["logits"] = float(np.abs(a[keep] - b[keep]).max())
     hidden = theirs.hidden_states[-1] if task != "base" else theirs.last_hidden_state
-    a, b = np.asarray(ours.last_hidden_state, np.float64), hidden.detach().double().numpy()
+    mine = ours.hidden_states[-1] if task != "base" and ours.hidden_states else ours.last_hidden_state
+    a, b = np.asarray(mine, np.float64), hidden.detach().double().numpy()
     diffs["last_hidden_state"] = float(np.abs(a[keep] - b[keep]).max())
     if ours.pooler_output is not None and getattr(theirs, "pooler_output", None) is not None:
         a, b = np.asarray(ours.pooler_output, np.float64), theirs.pooler_output.detach().double().numpy()
@@ -81,11 +92,14 @@ def verify(model_dir: str | os.PathLike, task: Optional[str] = None, *, batch: i
     except Exception as e:  # transformers' own loading error, as one line
         raise ModelLoadError(f"{folder}: transformers cannot load it: {str(e).splitlines()[0]}")
     with torch.no_grad():
-        ref = theirs(**{k: torch.from_numpy(v) for k, v in inputs.items()}, output_hidden_states=True)
+        try:
+            ref = theirs(**{k: torch.from_numpy(v) for k, v in inputs.items()}, output_hidden_states=True)
+        except Exception as e:  # e.g. GPT-2 classification without pad_token_id
+            raise ModelLoadError(f"{folder}: transformers cannot run it: {str(e).splitlines()[0]}")
     import jax
 
     # Full fp32 matmuls: on GPUs/TPUs the default precision may use TF32/bf16 passes, which would
     # hide implementation errors below (or raise them above) the tolerance.
     with jax.default_matmul_precision("highest"):
-        out = ours(**inputs)
-    return task, max_abs_diffs(out, ref, inputs["attention_mask"], task)
+        out = ours(**inputs, output_hidden_states=True)
+    return task, max_abs_diffs(out, ref, inputs.get("attention_mask"), task)

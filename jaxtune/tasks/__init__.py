@@ -21,6 +21,8 @@ from jaxtune.tasks.base import MODEL_INPUTS, Task, add_totals, model_inputs
 TASKS = {
     "sequence-classification": "jaxtune.tasks.sequence_classification",
     "token-classification": "jaxtune.tasks.token_classification",
+    "causal-lm": "jaxtune.tasks.causal_lm",
+    "image-classification": "jaxtune.tasks.image_classification",
 }
 
 

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 # Batch keys a model takes as inputs; everything else (labels, weights, ids) stays out.
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
+# segment_ids: packed causal-LM rows (which example each token belongs to; see tasks/causal_lm.py).
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "segment_ids",
+                "pixel_values")
 
 
 def model_inputs(batch: dict) -> dict:
