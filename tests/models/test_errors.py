@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from jaxtune.errors import ModelLoadError
-from jaxtune.models import from_pretrained
+from jaxtune.models import from_pretrained, supported_model_types
 
 
 def load_error(*args, **kwargs) -> str:
@@ -41,9 +41,10 @@ def test_invalid_config_json(tmp_path):
 
 
 def test_unsupported_model_type_lists_the_supported_ones(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
     message = load_error(tmp_path)
-    assert "'gpt2'" in message and "bert, distilbert, roberta, xlm-roberta" in message
+    assert "unsupported model_type 'mamba'" in message
+    assert ", ".join(supported_model_types()) in message and "bert, distilbert" in message
 
 
 def test_shape_mismatch_names_the_key_and_both_shapes(tiny):
