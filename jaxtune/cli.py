@@ -27,7 +27,7 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except JaxtuneError as e:
             click.echo(f"error: {e}", err=True)
-            sys.exit(USER_ERROR)
+            sys.exit(getattr(e, "exit_code", USER_ERROR))  # e.g. a diverged run exits 1
 
     return wrapper
 
@@ -99,6 +99,80 @@ def verify_cmd(model_dir, task, atol, batch, seq):
         click.echo(f"FAIL: above atol {atol:g}", err=True)
         sys.exit(1)
     click.echo(f"ok: every output within atol {atol:g}")
+
+
+@main.command("eval")
+@click.argument("path")
+@click.argument("overrides", nargs=-1)
+@click.option("--data", "data_spec", default=None, metavar="SPEC",
+              help="Evaluate this data spec in full (csv:PATH, tfds:NAME:SPLIT, ...) instead of the run's data.")
+@click.option("--split", default=None, help="Split of the run's data (default: test, else validation).")
+@click.option("--step", type=int, default=None, help="Checkpoint step of a run (default: the best).")
+@click.option("--batch-size", type=int, default=None, help="Examples per batch (default: the run's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
+@user_errors
+def eval_cmd(path, overrides, data_spec, split, step, batch_size, as_json):
+    """Metrics of PATH (a run folder or an HF model folder) over a whole split.
+
+    \b
+    jaxtune eval runs/quickstart                       test split, best checkpoint
+    jaxtune eval runs/quickstart/export --data csv:new.csv data.text_column=tweet
+    """
+    from jaxtune.inference import evaluate_path
+    from jaxtune.runlog import fmt_metrics
+
+    what, n, metrics, loaded = evaluate_path(path, data=data_spec, split=split, overrides=overrides,
+                                             step=step, batch_size=batch_size)
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"model": loaded.source, "data": what, "examples": n, **metrics}))
+    else:
+        click.echo(f"{loaded.source}: {what} ({n} examples)")
+        click.echo(f"  {fmt_metrics(metrics)}")
+
+
+@main.command("export")
+@click.argument("run_dir")
+@click.argument("out_dir")
+@click.option("--best", "which", flag_value="best", default=True, help="The best checkpoint (default).")
+@click.option("--latest", "which", flag_value="latest", help="The newest checkpoint.")
+@click.option("--step", type=int, default=None, help="The checkpoint of this step.")
+@user_errors
+def export_cmd(run_dir, out_dir, which, step):
+    """Write an HF folder (transformers loads it) from a checkpoint of RUN_DIR into OUT_DIR."""
+    from jaxtune.inference import export_run
+
+    loaded = export_run(run_dir, out_dir, step=step, best=which != "latest")
+    click.echo(f"exported {loaded.source} to {out_dir}")
+
+
+@main.command("predict")
+@click.argument("model_dir")
+@click.argument("inputs", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input.")
+@user_errors
+def predict_cmd(model_dir, inputs, as_json):
+    """Predict with MODEL_DIR (an HF folder or a run folder) for each INPUT.
+
+    Classifiers print the label with its probability, then the runners-up. INPUTs are texts for
+    text models and image paths for image models.
+    """
+    from jaxtune.inference import FORMATTERS, load, predict
+
+    if not inputs:
+        raise JaxtuneError("give at least one INPUT to predict")
+    loaded = load(model_dir)
+    results = predict(loaded, list(inputs))
+    if as_json:
+        import json
+
+        for r in results:
+            click.echo(json.dumps(r))
+    else:
+        fmt = FORMATTERS.get(loaded.task, str)
+        for r in results:
+            click.echo(fmt(r))
 
 
 if __name__ == "__main__":

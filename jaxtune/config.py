@@ -156,10 +156,10 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: Optional[int] = None  # steps; None: at every eval
-    keep: int = 2
-    keep_best: int = 1
-    async_save: bool = True
+    every: Optional[int] = None  # steps between extra checkpoints; evals and the end always save
+    keep: int = 2  # the newest checkpoints kept (2: one to fall back on if the last is damaged)
+    keep_best: int = 1  # ... plus the best by train.metric (0: export the last step instead)
+    async_save: bool = True  # write in the background while training goes on
 
 
 @dataclass(frozen=True)
@@ -316,6 +316,13 @@ def _check(recipe: Recipe, src: str) -> None:
         if v <= 0:
             raise ConfigError(f"{src}: {k} must be positive, got {v}")
     check_optim(o, src)
+    if recipe.checkpoint.keep_best < 0:
+        raise ConfigError(f"{src}: checkpoint.keep_best must be >= 0, got {recipe.checkpoint.keep_best}")
+    es = t.early_stopping
+    if es is not None and es.patience < 1:
+        raise ConfigError(f"{src}: train.early_stopping.patience must be >= 1, got {es.patience}")
+    if es is not None and es.min_delta < 0:
+        raise ConfigError(f"{src}: train.early_stopping.min_delta must be >= 0, got {es.min_delta}")
     if t.steps is not None and o.warmup >= 1 and o.warmup > t.steps:
         raise ConfigError(
             f"{src}: optim.warmup ({o.warmup:g} steps) is longer than training (train.steps={t.steps})"

@@ -1,0 +1,302 @@
+"""Checkpoints of a run: the TrainState, the data iterator and the loop's bookkeeping, together.
+
+    ckpt = Checkpoints(run_dir / "checkpoints", recipe.checkpoint, metric="accuracy", mode="max")
+    ckpt.save(step, state, iterator, meta, metrics=val_metrics)   # async; metrics at eval steps
+    restored = ckpt.restore_latest(abstract_state, make_iterator) # newest readable one, or None
+    params = ckpt.restore_params(step, abstract_params)           # params only (export, eval)
+    ckpt.close()                                                  # waits for the last save
+
+Each step folder holds three items saved as one Orbax `Composite`: `state` (the TrainState's
+arrays, sharded, OCDBT), `data` (Grain's iterator state, one JSON per process) and `meta` (a
+JSON dict: best step, early-stopping counters, log accumulators, elapsed time, ...).
+
+What is kept: the newest `keep` checkpoints, plus the `keep_best` best by the eval metric
+(Orbax `LatestN` + `BestN`, combined with `AnyPreservationPolicy`: a checkpoint stays if either
+keeps it). Only eval steps carry metrics, so checkpoints saved between evals are kept only as
+recent ones. On ties the earlier step is the better one (as the trainer's best-step tracking).
+
+Why no work is lost: Orbax writes each step into a temporary folder and renames it when complete
+(a crash leaves only a `*.orbax-checkpoint-tmp-*` folder, removed on the next start), and deletes
+old steps only after the new one is finalized, in the same background thread (async saves
+included). So once one checkpoint exists, some complete checkpoint always exists.
+
+A checkpoint that cannot be read (truncated, corrupt) is moved aside to `<checkpoints>.corrupt/`
+(never deleted) with a warning, and the next older one is tried. A checkpoint that does not fit
+the recipe (other model or optimizer) is a user error: nothing is moved.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+
+from jaxtune.errors import JaxtuneError
+
+log = logging.getLogger("jaxtune")
+
+# Substrings of Orbax's errors that mean "this checkpoint is fine, it just holds another tree".
+_MISMATCH = ("tree structures do not match", "is not compatible with the stored shape")
+
+
+class _QuietExpectedWarnings(logging.Filter):
+    """Orbax warnings that are expected here: saves between evaluations carry no metrics by
+    design, and `jaxtune eval/export` open checkpoints read-only on purpose."""
+
+    EXPECTED = ("did not provide metrics", "Given directory is read only", "read_only=True")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(m in record.getMessage() for m in self.EXPECTED)
+
+
+logging.getLogger("absl").addFilter(_QuietExpectedWarnings())
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """After a failed restore, TensorStore still completes the other reads of that restore and
+    calls back into Orbax's (already closed) event loop: one 'Event loop is closed' traceback
+    per array, through sys.unraisablehook. Drop exactly those; everything else passes."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxtune", False):
+        return
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._jaxtune = True
+    sys.unraisablehook = hook
+
+
+class CheckpointMismatch(JaxtuneError):
+    """A readable checkpoint whose arrays do not fit the recipe's model or optimizer."""
+
+
+@dataclass
+class Restored:
+    step: int
+    state: Any
+    iterator: Any
+    meta: dict
+
+
+def rank(metric: str, mode: str) -> Callable[[dict], tuple]:
+    """Sort key of a checkpoint's metrics: larger is better; NaN or missing is worst; ties go to
+    the earlier step (`metrics['step']`)."""
+    sign = 1.0 if mode == "max" else -1.0
+
+    def key(metrics: dict) -> tuple:
+        value = metrics.get(metric) if metrics else None
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            score = -math.inf
+        else:
+            score = sign * float(value)
+        return (score, -int((metrics or {}).get("step", 0)))
+
+    return key
+
+
+def is_better(value: float, best: Optional[float], mode: str, min_delta: float = 0.0) -> bool:
+    """Whether `value` improves on `best` by more than `min_delta` (NaN never does).
+
+    >>> is_better(0.5, None, "max"), is_better(0.5, 0.5, "max"), is_better(0.4, 0.5, "min")
+    (True, False, True)
+    >>> is_better(0.52, 0.5, "max", min_delta=0.05)
+    False
+    """
+    if value is None or math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+def _policy(keep: int, keep_best: int, key: Callable):
+    from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
+
+    policies = [pp.LatestN(n=keep)]
+    if keep_best > 0:
+        policies.append(pp.BestN(get_metric_fn=key, n=keep_best, keep_checkpoints_without_metrics=False))
+    return pp.AnyPreservationPolicy(policies)
+
+
+def _abstract(tree):
+    """ShapeDtypeStructs with shardings of a pytree of arrays or ShapeDtypeStructs. A leaf
+    without a sharding gets this process's first device: Orbax then restores a jax.Array and
+    checks shapes (a numpy restore would silently pad or truncate)."""
+    import orbax.checkpoint as ocp
+
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def one(x):
+        s = ocp.utils.to_shape_dtype_struct(x)
+        if getattr(s, "sharding", None) is None:
+            s = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=default)
+        return s
+
+    return jax.tree.map(one, tree)
+
+
+class Checkpoints:
+    """An Orbax CheckpointManager for a run's `checkpoints/` folder; see the module docstring."""
+
+    def __init__(self, directory, cfg=None, *, metric: str = "accuracy", mode: str = "max",
+                 read_only: bool = False):
+        import grain
+        import orbax.checkpoint as ocp
+
+        from jaxtune.config import CheckpointConfig
+
+        cfg = cfg or CheckpointConfig()
+        self.directory = Path(directory).absolute()
+        self.metric, self.mode = metric, mode
+        key = rank(metric, mode)
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=cfg.async_save,
+            preservation_policy=_policy(cfg.keep, cfg.keep_best, key),
+            best_fn=key,  # makes Orbax store and reload each step's metrics
+            best_mode="max",
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
+        )
+        handlers = {
+            "state": ocp.PyTreeCheckpointHandler(),  # PyTree (not Standard): partial restores
+            "data": grain.checkpoint.CheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        }
+        self.mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    # -- queries -------------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        return list(self.mngr.all_steps())
+
+    def latest_step(self) -> Optional[int]:
+        return self.mngr.latest_step()
+
+    def metrics(self, step: int) -> Optional[dict]:
+        return self.mngr.metrics(step)
+
+    def best_step(self) -> Optional[int]:
+        """The best step among those on disk by the eval metric (None if none has metrics)."""
+        scored = [(rank(self.metric, self.mode)(m), s) for s in self.steps() if (m := self.metrics(s))]
+        return max(scored)[1] if scored else None
+
+    # -- saving --------------------------------------------------------------------------
+
+    def save(self, step: int, state, iterator, meta: dict, metrics: Optional[dict] = None) -> None:
+        """Start saving `step` (returns once arrays are copied off the devices, with async_save).
+        `metrics`: the eval metrics of this step, which rank it for keep_best."""
+        import grain
+        import orbax.checkpoint as ocp
+
+        if metrics is not None:
+            metrics = {**{k: float(v) for k, v in metrics.items()}, "step": int(step)}
+        args = ocp.args.Composite(
+            state=ocp.args.PyTreeSave(state),
+            data=grain.checkpoint.CheckpointSave(iterator),
+            meta=ocp.args.JsonSave(meta),
+        )
+        self.mngr.save(step, args=args, metrics=metrics, force=True)
+
+    def wait(self) -> None:
+        """Block until the last save is finalized (and old steps are removed)."""
+        self.mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self.mngr.close()
+
+    # -- restoring -----------------------------------------------------------------------
+
+    def restore(self, step: int, abstract_state, iterator=None) -> Restored:
+        """Restore one step: the state onto the shardings of `abstract_state` (arrays or
+        ShapeDtypeStructs), the iterator in place, and the meta dict."""
+        import grain
+        import orbax.checkpoint as ocp
+
+        target = _abstract(abstract_state)
+        items = {
+            "state": ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
+            "meta": ocp.args.JsonRestore(),
+        }
+        if iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        try:
+            out = self.mngr.restore(step, args=ocp.args.Composite(**items))
+        except ValueError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if any(m in first for m in _MISMATCH):
+                raise CheckpointMismatch(
+                    f"checkpoint step {step} in {self.directory} does not fit this recipe's model "
+                    f"or optimizer ({first.rstrip(':')}); use --restart to start over"
+                ) from None
+            raise
+        return Restored(step, out.state, iterator, dict(out.meta or {}))
+
+    def restore_latest(self, abstract_state, make_iterator: Callable[[], Any]) -> Optional[Restored]:
+        """The newest checkpoint that restores; unreadable ones are moved aside with a warning.
+        None when there is none."""
+        _quiet_closed_loop_callbacks()
+        for step in sorted(self.steps(), reverse=True):
+            try:
+                return self.restore(step, abstract_state, make_iterator())
+            except CheckpointMismatch:
+                raise
+            except Exception as e:  # anything else: the files are damaged
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                where = self._move_aside(step)
+                older = [s for s in self.steps() if s < step]
+                then = f"falling back to step {max(older)}" if older else "no older checkpoint"
+                log.warning("checkpoint step %d cannot be restored (%s); moved it to %s; %s",
+                            step, why, where, then)
+        return None
+
+    def restore_params(self, step: int, abstract_params) -> Any:
+        """Only the params of a step's TrainState (for export and evaluation)."""
+        import orbax.checkpoint as ocp
+
+        target = {"params": _abstract(abstract_params)}
+        args = ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        )
+        try:
+            out = self.mngr.restore(step, args=ocp.args.Composite(state=args))
+        except ValueError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if any(m in first for m in _MISMATCH):
+                raise CheckpointMismatch(
+                    f"checkpoint step {step} in {self.directory} does not fit the model ({first.rstrip(':')})"
+                ) from None
+            raise
+        return out.state["params"]
+
+    def _move_aside(self, step: int) -> Path:
+        """Move a damaged step folder to `<checkpoints>.corrupt/<step>-<time>`: out of Orbax's
+        way (so the step can be saved again) without deleting anything."""
+        from jaxtune.parallel import is_main_process
+
+        dest = self.directory.parent / f"{self.directory.name}.corrupt" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if is_main_process():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(dest))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxtune-move-aside-{step}")
+        self.mngr.reload()
+        return dest
+
+
+__all__ = ["CheckpointMismatch", "Checkpoints", "Restored", "is_better", "rank"]

@@ -1,0 +1,386 @@
+"""`jaxtune run` end to end on a tiny BERT (subprocesses, 8 fake CPU devices): the run folder,
+keep-best, early stopping, kill -9 + resume (bit-identical), SIGTERM, NaN, a damaged checkpoint,
+the export in transformers, and `jaxtune eval/export/predict`.
+
+Runs share a JAX persistent compilation cache (a run then takes ~10 s instead of ~20 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import shutil
+import signal
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxtune.runlog import TIMING_KEYS, read_metrics
+
+_spec = importlib.util.spec_from_file_location("_tiny_run", Path(__file__).with_name("_tiny_run.py"))
+_tiny_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tiny_run)
+cli, make_assets, popen = _tiny_run.cli, _tiny_run.make_assets, _tiny_run.popen
+
+TOTAL = 24  # train.steps of the tiny recipe
+EVALS = [6, 12, 18, 24]  # train.eval_every 6
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    recipe = make_assets(root / "assets")
+    env = {"JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return root, recipe, env
+
+
+def run(tiny, out, *extra, env=None, **changes):
+    root, recipe, base_env = tiny
+    path = recipe(out, name=Path(out).name, **changes)
+    return cli("run", path, *extra, env={**base_env, **(env or {})}), path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    root = tiny[0]
+    proc, recipe = run(tiny, root / "reference")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "reference", proc, recipe
+
+
+def final_state(run_dir, step=TOTAL):
+    """Every array of a step's TrainState, as numpy, by path."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    with warnings.catch_warnings():  # "Sharding info not provided": numpy is what we want
+        warnings.simplefilter("ignore")
+        tree = ocp.PyTreeCheckpointer().restore(Path(run_dir) / "checkpoints" / str(step) / "state")
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def steady(lines):
+    """metrics.jsonl lines without the wall-clock numbers."""
+    return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in lines]
+
+
+def assert_same_run(a, b):
+    sa, sb = final_state(a), final_state(b)
+    assert sa.keys() == sb.keys() and len(sa) > 50
+    different = [k for k in sa if not np.array_equal(sa[k], sb[k])]
+    assert not different, different[:5]
+    assert steady(read_metrics(a)) == steady(read_metrics(b))
+
+
+def wait_for_step(run_dir, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if any(m.get("step", 0) >= step for m in read_metrics(run_dir)):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} in {run_dir} after {timeout}s")
+
+
+def checkpoint_steps(run_dir):
+    return sorted(int(p.name) for p in (Path(run_dir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+# ---------------------------------------------------------------------------------------------
+# One uninterrupted run
+
+
+def test_run_folder_metrics_and_summary(reference):
+    out, proc, recipe = reference
+    for name in ("config.yaml", "model_config.json", "metrics.jsonl", "summary.json", "curves.png",
+                 "export/config.json", "export/model.safetensors", "export/tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+    from jaxtune.config import load_recipe
+
+    resolved = load_recipe(out / "config.yaml")  # fully resolved, and still a valid recipe
+    assert resolved.output_dir == str(out) and resolved.train.steps == TOTAL
+
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all({"step", "split"} <= m.keys() for m in lines)
+    train = [m for m in lines if m["split"] == "train"]
+    val = [m for m in lines if m["split"] == "validation"]
+    test = [m for m in lines if m["split"] == "test"]
+    assert [m["step"] for m in train] == list(range(2, TOTAL + 1, 2))  # train.log_every 2
+    assert all({"loss", "lr", "grad_norm", "accuracy", "examples_per_s", "epoch"} <= m.keys() for m in train)
+    assert [m["step"] for m in val] == EVALS
+    assert all({"loss", "accuracy", "macro_f1"} <= m.keys() for m in val)
+    assert len(test) == 1
+
+    summary = json.loads((out / "summary.json").read_text())
+    best = max(val, key=lambda m: (m["accuracy"], -m["step"]))  # ties: the earlier step
+    assert summary["best_step"] == best["step"] == test[0]["model_step"]
+    assert summary["validation"] == {k: best[k] for k in ("loss", "accuracy", "macro_f1")}
+    assert summary["test"] == {k: test[0][k] for k in ("loss", "accuracy", "macro_f1")}
+    assert summary["stopped"] == "completed" and summary["steps"] == TOTAL
+    assert summary["data"]["num_examples"] == {"train": 72, "validation": 24, "test": 24}
+    assert summary["data"]["files"][0]["rows"] == 120 and summary["train_examples_per_s"] > 0
+    assert f"test accuracy {100 * summary['test']['accuracy']:.2f}%" in proc.stdout
+    assert f"macro-F1 {summary['test']['macro_f1']:.4f}" in proc.stdout
+
+
+def test_keep_best_keeps_the_best_eval_step_and_the_newest_two(reference):
+    out = reference[0]
+    val = [m for m in read_metrics(out) if m["split"] == "validation"]
+    best = max(val, key=lambda m: (m["accuracy"], -m["step"]))["step"]
+    assert best not in (TOTAL - 2, TOTAL), "the recipe should make the best an older step"
+    assert checkpoint_steps(out) == sorted({best, TOTAL - 2, TOTAL})  # keep 2 + keep_best 1
+    metrics = json.loads((out / "checkpoints" / str(best) / "metrics" / "metrics").read_text())
+    assert metrics["accuracy"] == max(m["accuracy"] for m in val)
+
+
+def test_export_reloads_in_transformers_with_the_same_logits(reference):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from jaxtune.inference import load
+
+    out = reference[0]
+    ours = load(out)  # the best checkpoint, in jaxtune
+    assert ours.step == json.loads((out / "summary.json").read_text())["best_step"]
+    tok = AutoTokenizer.from_pretrained(out / "export")
+    theirs = AutoModelForSequenceClassification.from_pretrained(out / "export").eval()
+    assert theirs.config.id2label == {0: "neg", 1: "neu", 2: "pos"}
+    batch = tok(["good great day", "the food was awful and bad", "paper road"], padding=True, return_tensors="np")
+    mine = np.asarray(ours.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}).logits)
+    with torch.no_grad():
+        ref = theirs(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
+    np.testing.assert_allclose(mine, ref, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupted runs
+
+
+def test_kill_9_at_a_random_step_then_resume_is_bit_identical(tiny, reference):
+    root = tiny[0]
+    out = root / "killed"
+    kill_at = random.Random().randint(5, 20)
+    print(f"kill -9 after step {kill_at}")
+    recipe = tiny[1](out, name="killed")
+    proc = popen("run", recipe, env=tiny[2])
+    wait_for_step(out, kill_at, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    saved = checkpoint_steps(out)
+    assert saved and max(saved) < TOTAL, saved
+    again, _ = run(tiny, out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = [line for line in again.stdout.splitlines() if line.startswith("resuming from step")]
+    assert resumed and int(resumed[0].split()[3]) <= kill_at + 1, again.stdout
+    assert_same_run(reference[0], out)
+    assert (out / "export" / "model.safetensors").read_bytes() == \
+        (reference[0] / "export" / "model.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def sigtermed(tiny):
+    out = tiny[0] / "sigterm"
+    recipe = tiny[1](out, name="sigterm")
+    proc = popen("run", recipe, env=tiny[2])
+    wait_for_step(out, 7, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    return out, proc.returncode, stdout, stderr
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_0(sigtermed):
+    out, code, stdout, stderr = sigtermed
+    assert code == 0, stderr[-3000:]
+    lines = [line for line in stdout.splitlines() if line.startswith("stopped by SIGTERM at step")]
+    assert len(lines) == 1, stdout
+    step = int(lines[0].split()[5].rstrip(":"))
+    assert 7 <= step < TOTAL and max(checkpoint_steps(out)) == step
+    assert max(m["step"] for m in read_metrics(out)) <= step
+    assert not (out / "summary.json").exists()
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tiny, reference, sigtermed):
+    out = tiny[0] / "damaged"
+    shutil.copytree(sigtermed[0], out)
+    latest = max(checkpoint_steps(out))
+    for f in (out / "checkpoints" / str(latest) / "state" / "d").iterdir():
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])  # a torn write
+    proc, _ = run(tiny, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    previous = max(s for s in checkpoint_steps(sigtermed[0]) if s < latest)
+    assert f"checkpoint step {latest} cannot be restored" in proc.stderr
+    assert f"falling back to step {previous}" in proc.stderr
+    assert f"resuming from step {previous}" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert [p.name.split("-")[0] for p in (out / "checkpoints.corrupt").iterdir()] == [str(latest)]
+    assert_same_run(reference[0], out)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tiny):
+    """JAX's preemption sync point: hosts agree on the step, all save it, all exit 0."""
+    import socket
+
+    out = tiny[0] / "two-hosts"
+    recipe = tiny[1](out, name="two-hosts")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**tiny[2], "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
+    procs = [popen("run", recipe, env={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    try:
+        wait_for_step(out, 5, procs[0])
+        procs[1].send_signal(signal.SIGTERM)
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
+    stops = [line for line in results[0][0].splitlines() if line.startswith("stopped by SIGTERM at step")]
+    assert len(stops) == 1, results[0][0]
+    step = int(stops[0].split()[5].rstrip(":"))
+    assert 5 <= step < TOTAL and max(checkpoint_steps(out)) == step
+    assert f"Reached preemption sync point, step={step}" in results[1][1]  # process 1 saved it too
+    assert (out / "checkpoints" / str(step) / "data" / "process_1-of-2.json").is_file()
+
+
+def test_injected_nan_stops_with_one_line_and_keeps_the_last_good_checkpoint(tiny):
+    out = tiny[0] / "nan"
+    proc, _ = run(tiny, out, env={"JAXTUNE_INJECT_NAN_STEP": "9"})
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    err = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and err[-1].startswith("error: non-finite loss (nan) at step 9;")
+    assert f"last good checkpoint: step 8 in {out / 'checkpoints'}" in err[-1]
+    assert max(checkpoint_steps(out)) == 8
+    assert all(np.isfinite(v).all() for v in final_state(out, 8).values())
+    assert max(m["step"] for m in read_metrics(out)) == 8
+
+
+def test_early_stopping_stops_at_the_first_eval_out_of_patience(tiny):
+    out = tiny[0] / "early"
+    es = {"metric": "loss", "mode": "min", "patience": 2, "min_delta": 0.01}
+    proc, _ = run(tiny, out, train__eval_every=3, train__early_stopping=es)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    val = [m for m in read_metrics(out) if m["split"] == "validation"]
+    best, bad, expected = None, 0, None  # the rule, replayed on the logged losses
+    for m in val:
+        if best is None or m["loss"] < best - es["min_delta"]:
+            best, bad = m["loss"], 0
+        else:
+            bad += 1
+            if bad == es["patience"]:
+                expected = m["step"]
+                break
+    assert expected is not None and expected < TOTAL, val
+    assert val[-1]["step"] == expected
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "early_stopping" and summary["steps"] == expected
+    assert f"early stopping at step {expected}" in proc.stdout
+
+
+def test_a_finished_folder_without_checkpoints_is_refused_and_restart_moves_it_aside(tiny, tmp_path):
+    from jaxtune.errors import JaxtuneError
+    from jaxtune.trainer import prepare_run_dir
+
+    out = tmp_path / "run"
+    (out / "export").mkdir(parents=True)
+    (out / "summary.json").write_text("{}")
+    said = []
+    with pytest.raises(JaxtuneError, match="holds export, summary.json but no checkpoint .* --restart"):
+        prepare_run_dir(out, False, said.append)
+    assert prepare_run_dir(out, True, said.append) is False
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and (aside[0] / "summary.json").exists() and out.is_dir()
+    assert said and str(aside[0]) in said[0]
+    (out / "metrics.jsonl").write_text("{}\n")  # a run that died before its first checkpoint
+    assert prepare_run_dir(out, False, said.append) is False
+    (out / "checkpoints" / "4").mkdir(parents=True)
+    assert prepare_run_dir(out, False, said.append) is True
+
+
+# ---------------------------------------------------------------------------------------------
+# eval / export / predict (in-process through Click)
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+
+    from jaxtune.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_eval_a_run_and_its_export(reference, tiny):
+    out = reference[0]
+    summary = json.loads((out / "summary.json").read_text())
+    r = invoke("eval", out, "--json")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["examples"] == 24 and got["data"] == "test split"
+    for k in ("loss", "accuracy", "macro_f1"):
+        assert got[k] == pytest.approx(summary["test"][k], abs=1e-6)
+    r = invoke("eval", out / "export", "--data", f"csv:{tiny[0] / 'assets' / 'data.csv'}", "--json")
+    assert r.exit_code == 0, r.output
+    whole = json.loads(r.stdout.strip().splitlines()[-1])
+    assert whole["examples"] == 120 and 0 <= whole["accuracy"] <= 1
+    r = invoke("eval", out, "--split", "validation", "--step", TOTAL)
+    assert r.exit_code == 0 and "checkpoint step 24 (requested): validation split (24 examples)" in r.stdout
+    last = [m for m in read_metrics(out) if m["split"] == "validation"][-1]
+    assert f"accuracy {last['accuracy']:.4f}" in r.stdout
+
+
+def test_export_a_step_and_predict(reference, tmp_path):
+    from safetensors.numpy import load_file
+
+    out = reference[0]
+    r = invoke("export", out, tmp_path / "e", "--step", TOTAL - 2)
+    assert r.exit_code == 0, r.output
+    ours = load_file(tmp_path / "e" / "model.safetensors")
+    best = load_file(out / "export" / "model.safetensors")
+    assert ours.keys() == best.keys() and any(not np.array_equal(ours[k], best[k]) for k in ours)
+    assert json.loads((tmp_path / "e" / "config.json").read_text())["id2label"] == {"0": "neg", "1": "neu", "2": "pos"}
+    r = invoke("export", out, tmp_path / "b")  # --best is the default: the same as export/
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == (out / "export" / "model.safetensors").read_bytes()
+
+    r = invoke("predict", out / "export", "good great love", "bad awful hate", "--json")
+    assert r.exit_code == 0, r.output
+    preds = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert [p["input"] for p in preds] == ["good great love", "bad awful hate"]
+    for p in preds:
+        probs = p["probabilities"]
+        assert set(probs) == {"neg", "neu", "pos"} and sum(probs.values()) == pytest.approx(1, abs=1e-6)
+        assert p["label"] == max(probs, key=probs.get)
+    r = invoke("predict", out, "good great love")  # a run folder works too (its best checkpoint)
+    assert r.exit_code == 0 and r.stdout.strip().endswith("<- good great love")
+    assert r.stdout.split()[0] == preds[0]["label"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "{tmp}/nope"], "{tmp}/nope does not exist"),
+    (["eval", "{tmp}"], "is neither a run folder"),
+    (["eval", "{out}/export"], "is a model folder: give the data to evaluate with --data SPEC"),
+    (["eval", "{out}", "--split", "train2"], "no 'train2' split"),
+    (["eval", "{out}", "optim.lr=1"], "eval takes data.KEY=VALUE overrides only"),
+    (["eval", "{out}", "--data", "csv:{tmp}/missing.csv"], "missing.csv"),
+    (["export", "{out}", "{out}"], "exists and is not empty"),
+    (["export", "{out}", "{tmp}/x", "--step", "999"], "no checkpoint at step 999; available: "),
+    (["export", "{out}/export", "{tmp}/y"], "is not a run folder"),
+    (["predict", "{out}/export"], "give at least one INPUT"),
+])
+def test_user_mistakes_give_one_line(reference, tmp_path, args, message):
+    out = reference[0]
+    fill = lambda s: s.format(tmp=tmp_path, out=out)  # noqa: E731
+    r = invoke(*map(fill, args))
+    assert r.exit_code == 2, r.output
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and fill(message) in err[0], r.stderr
