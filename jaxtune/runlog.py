@@ -63,13 +63,26 @@ def truncate_metrics(run_dir, step: Optional[int]) -> None:
 
 
 def fmt_metrics(m: dict, keys=None) -> str:
-    """'accuracy 0.8123, macro-F1 0.8010, loss 0.4711' (accuracy and macro-F1 first)."""
+    """'accuracy 0.8123, macro-F1 0.8010, loss 0.4711, perplexity 1.602, tokens 201'
+    (accuracy and macro-F1 first; fractions and losses to 4 decimals; counts as integers).
+
+    >>> fmt_metrics({"loss": 2.5, "perplexity": 12182.49, "tokens": 201.0, "accuracy": 0.1})
+    'accuracy 0.1000, loss 2.5000, perplexity 12182.5, tokens 201'
+    """
     names = {"macro_f1": "macro-F1"}
     order = ["accuracy", "macro_f1"] + [k for k in m if k not in ("accuracy", "macro_f1")]
     parts = []
     for k in order:
         if k in m and (keys is None or k in keys) and isinstance(m[k], (int, float)):
-            parts.append(f"{names.get(k, k)} {m[k]:.4f}")
+            v = m[k]
+            fixed = k in ("accuracy", "macro_f1", "label_accuracy", "loss", "mse", "mae", "pearson")
+            if fixed:
+                text = f"{v:.4f}"
+            elif float(v).is_integer():
+                text = f"{int(v)}"
+            else:
+                text = f"{v:.1f}" if abs(v) >= 1000 else f"{v:.4g}"
+            parts.append(f"{names.get(k, k)} {text}")
     return ", ".join(parts)
 
 

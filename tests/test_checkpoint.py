@@ -19,7 +19,10 @@ from jaxtune.train import init_state
 
 # A failed restore (damaged files, other shapes) leaves TensorStore reads that end after Orbax gave
 # up on them ("Exception ignored in: <coroutine ...>"): collect them here, where they are expected.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.filterwarnings("ignore:coroutine '_read_array_index_and_device_put' was never awaited"),
+]
 
 
 @pytest.fixture(autouse=True)
