@@ -151,19 +151,49 @@ def export_cmd(run_dir, out_dir, which, step):
 @click.argument("model_dir")
 @click.argument("inputs", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input.")
+@click.option("--max-new-tokens", type=int, default=None,
+              help="Causal LM: tokens to generate at most (default 50, fewer if positions run out).")
+@click.option("--sample", is_flag=True, help="Causal LM: sample instead of greedy decoding.")
+@click.option("--temperature", type=float, default=None,
+              help="Causal LM, --sample: softmax temperature (default 1.0).")
+@click.option("--top-k", type=int, default=None,
+              help="Causal LM, --sample: keep the k most likely tokens (default 0: all).")
+@click.option("--top-p", type=float, default=None,
+              help="Causal LM, --sample: nucleus mass to keep (default 1.0: all).")
+@click.option("--seed", type=int, default=None, help="Causal LM, --sample: random seed (default 0).")
 @user_errors
-def predict_cmd(model_dir, inputs, as_json):
+def predict_cmd(model_dir, inputs, as_json, max_new_tokens, sample, temperature, top_k, top_p, seed):
     """Predict with MODEL_DIR (an HF folder or a run folder) for each INPUT.
 
-    Classifiers print the label with its probability, then the runners-up. INPUTs are texts for
-    text models and image paths for image models.
+    Classifiers print the label with its probability, then the runners-up; token classifiers
+    print word/TAG for each whitespace-separated word; causal LMs print "prompt" -> "generated".
+    INPUTs are texts for text models (prompts for causal LMs) and image paths for image models.
+
+    \b
+    jaxtune predict runs/quickstart "what a great day"
+    jaxtune predict runs/lm "3 plus 4 is" --max-new-tokens 20
+    jaxtune predict runs/lm "Once upon a time" --sample --temperature 0.8 --top-p 0.9 --seed 1
     """
     from jaxtune.inference import FORMATTERS, load, predict
 
     if not inputs:
         raise JaxtuneError("give at least one INPUT to predict")
+    generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                  "seed": seed}
+    given = [f"--{k.replace('_', '-')}" for k, v in generation.items() if v is not None]
+    given += ["--sample"] if sample else []
+    sampling_only = [o for o in given if o not in ("--max-new-tokens", "--sample")]
+    if sampling_only and not sample:
+        raise JaxtuneError(f"{', '.join(sampling_only)} only apply with --sample")
     loaded = load(model_dir)
-    results = predict(loaded, list(inputs))
+    options = {}
+    if loaded.task == "causal-lm":
+        options = {k: v for k, v in generation.items() if v is not None}
+        options["do_sample"] = sample
+    elif given:
+        raise JaxtuneError(f"{', '.join(given)}: generation options apply to causal-lm models, "
+                           f"and {model_dir} is a {loaded.task} model")
+    results = predict(loaded, list(inputs), **options)
     if as_json:
         import json
 

@@ -6,13 +6,16 @@
     metrics = evaluate_path("runs/quickstart", split="test")
     export_run("runs/quickstart", "out/", step=None)           # best (else latest) checkpoint
     predict(load("runs/quickstart/export"), ["great day!"])     # per input: label + probabilities
+    predict(load("runs/lm"), ["3 plus 4 is"], max_new_tokens=20)  # causal-lm: generated text
 
 A run folder is recognised by `config.yaml` + `model_config.json` (written by `jaxtune run`); its
 weights come from `checkpoints/` (params only are read), or from `export/` when no checkpoint is
 left. Labels: evaluation data is mapped onto the model's own `id2label`, so ids always agree.
 
-`PREDICTORS` maps a task to `fn(loaded, inputs) -> list of dicts` (one per input) and `FORMATTERS`
-to `fn(result) -> str` (one console line); a task adds itself there (e.g. causal-lm generation).
+`PREDICTORS` maps a task to `fn(loaded, inputs, **options) -> list of dicts` (one per input) and
+`FORMATTERS` to `fn(result) -> str` (one console line); a task adds itself there. Causal-LM models
+generate (`predict_generate`: greedy, or sampled with temperature / top-k / top-p and a seed);
+token classifiers tag each whitespace-separated word (`predict_tokens`).
 """
 
 from __future__ import annotations
@@ -305,6 +308,110 @@ def predict_images(loaded: Loaded, paths: Sequence[str], *, batch: int = 32) -> 
     return results
 
 
+def _tokenizer(loaded: Loaded):
+    from jaxtune.data import load_tokenizer
+
+    if not loaded.tokenizer_dir:
+        raise DataError(f"{loaded.source} has no tokenizer to read texts with")
+    return load_tokenizer(loaded.tokenizer_dir)
+
+
+def predict_tokens(loaded: Loaded, texts: Sequence[str], *, batch: int = 32) -> list[dict]:
+    """Token classification: each text is split on whitespace into words (as a CoNLL-style
+    training file lists them), and each word gets the tag of its first sub-token, as in training.
+    Words past the model's length limit get tag None."""
+    tok = _tokenizer(loaded)
+    config = loaded.model.config
+    names = [str(n) for n in (config.id2label or [f"LABEL_{i}" for i in range(config.num_labels)])]
+    limit = getattr(config, "max_position_embeddings", None) or 512
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in tok.model_input_names]
+    forward = _forward(loaded)
+    results = []
+    for i in range(0, len(texts), batch):
+        chunk = list(texts[i:i + batch])
+        words = [t.split() or [t] for t in chunk]  # an empty text is one empty word
+        enc = tok(words, is_split_into_words=True, truncation=True, max_length=limit, padding="longest",
+                  return_tensors="np")
+        logits = forward({k: np.asarray(enc[k], np.int32) for k in keys if k in enc})
+        for j, (text, ws) in enumerate(zip(chunk, words)):
+            z = np.exp(logits[j] - logits[j].max(-1, keepdims=True))
+            p_TK = z / z.sum(-1, keepdims=True)
+            tags, scores, seen = [None] * len(ws), [None] * len(ws), set()
+            for t, w in enumerate(enc.word_ids(j)):
+                if w is not None and w not in seen:  # the word's first sub-token
+                    seen.add(w)
+                    k = int(p_TK[t].argmax())
+                    tags[w], scores[w] = names[k], float(p_TK[t, k])
+            results.append({"input": text, "words": ws, "tags": tags, "scores": scores})
+    return results
+
+
+def format_tags(r: dict) -> str:
+    """'John/B-PER lives/O in/O Paris/B-LOC' (a word past the length limit: word/?)"""
+    return " ".join(f"{w}/{t if t is not None else '?'}" for w, t in zip(r["words"], r["tags"]))
+
+
+DEFAULT_NEW_TOKENS = 50
+
+
+def predict_generate(loaded: Loaded, prompts: Sequence[str], *, max_new_tokens: Optional[int] = None,
+                     do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     seed: int = 0) -> list[dict]:
+    """Causal-LM generation after each prompt (all in one batch), with the KV cache.
+
+    A prompt is tokenized as training tokenized prompts (with the tokenizer's special tokens, e.g.
+    a BOS it adds); an empty prompt starts from the BOS token. Greedy unless `do_sample`.
+    `max_new_tokens` None: up to 50, fewer when the model's positions run out.
+    Returns per prompt: input, generated (decoded new text, special tokens skipped), tokens (new
+    token ids, EOS included) and stopped ('eos' or 'length').
+    """
+    from jaxtune.models.generate import generate
+
+    tok = _tokenizer(loaded)
+    config = loaded.model.config
+    bos = tok.bos_token_id if tok.bos_token_id is not None else getattr(config, "bos_token_id", None)
+    encoded = []
+    for p in prompts:
+        ids = list(tok(p)["input_ids"])
+        if not ids:
+            if bos is None:
+                raise DataError("an empty prompt needs a BOS token, and neither the tokenizer nor the model has one")
+            ids = [int(bos)]
+        encoded.append(ids)
+    longest = max(len(e) for e in encoded)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and longest >= limit:
+        raise DataError(f"the longest prompt has {longest} tokens; the model has {limit} positions")
+    if max_new_tokens is None:
+        max_new_tokens = DEFAULT_NEW_TOKENS if limit is None else min(DEFAULT_NEW_TOKENS, limit - longest)
+    ids = np.zeros((len(encoded), longest), np.int32)
+    mask = np.zeros_like(ids)
+    for i, e in enumerate(encoded):  # left-padded, as generate() wants
+        ids[i, longest - len(e):], mask[i, longest - len(e):] = e, 1
+    out = generate(loaded.model, ids, mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    results = []
+    for i, p in enumerate(prompts):
+        new = [int(t) for t in out.tokens[i, : out.lengths[i]]]
+        stopped = "eos" if _ends_with_eos(new, config) else "length"
+        results.append({"input": p, "generated": tok.decode(new, skip_special_tokens=True), "tokens": new,
+                        "stopped": stopped})
+    return results
+
+
+def _ends_with_eos(tokens: list[int], config) -> bool:
+    eos = getattr(config, "eos_token_ids", None)
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    return bool(tokens) and tokens[-1] in eos
+
+
+def format_generation(r: dict) -> str:
+    """'"3 plus 4 is" -> " seven"' (both JSON-quoted: spaces and newlines stay visible)."""
+    return f"{json.dumps(r['input'], ensure_ascii=False)} -> {json.dumps(r['generated'], ensure_ascii=False)}"
+
+
 def format_scores(r: dict, top: int = 3) -> str:
     """'positive 0.912 (neutral 0.061, negative 0.027)  <- input'"""
     if "label" in r:
@@ -318,14 +425,18 @@ def format_scores(r: dict, top: int = 3) -> str:
     return f"{head}  <- {r['input']}"
 
 
-# task -> predictor / line formatter; add a task by adding entries (e.g. causal-lm: generate).
+# task -> predictor / line formatter; add a task by adding entries.
 PREDICTORS: dict[str, Callable[..., list[dict]]] = {
     "sequence-classification": predict_texts,
     "image-classification": predict_images,
+    "token-classification": predict_tokens,
+    "causal-lm": predict_generate,
 }
 FORMATTERS: dict[str, Callable[[dict], str]] = {
     "sequence-classification": format_scores,
     "image-classification": format_scores,
+    "token-classification": format_tags,
+    "causal-lm": format_generation,
 }
 
 
@@ -338,5 +449,6 @@ def predict(loaded: Loaded, inputs: Sequence[str], **kwargs) -> list[dict]:
     return fn(loaded, inputs, **kwargs)
 
 
-__all__ = ["FORMATTERS", "Loaded", "PREDICTORS", "evaluate_path", "export_run", "format_scores",
-           "is_run_dir", "load", "predict", "predict_images", "predict_texts"]
+__all__ = ["FORMATTERS", "Loaded", "PREDICTORS", "evaluate_path", "export_run", "format_generation",
+           "format_scores", "format_tags", "is_run_dir", "load", "predict", "predict_generate",
+           "predict_images", "predict_texts", "predict_tokens"]

@@ -20,8 +20,9 @@
     data.num_examples       # {'train': n, 'validation': n, 'test': n} (splits that exist)
     data.report             # per file: rows read, kept, dropped and why; str() is readable
     data.summary()          # all of the above as lines for the log
-    data.steps_per_epoch    # ceil(num_examples['train'] / batch_size)
+    data.steps_per_epoch    # ceil(num_examples['train'] / batch_size) (data.pack: packed rows)
     data.buckets            # text: the padded lengths a batch can have
+    data.layout('train')    # data.pack: the packed rows (.rows, .fill(), .row(r) -> example positions)
     it = data.train_iterator()    # endless; next(it) -> this process's share of a global batch
     state = it.get_state()        # small JSON-able dict; it.set_state(state) resumes exactly
     for batch in data.eval_batches('validation'): ...   # finite, each example once
@@ -42,6 +43,11 @@ Batches are dicts of numpy arrays with a fixed leading size b = batch_size / sha
   sub-tokens of a word, special tokens, padding)
 - causal-lm: input_ids, attention_mask, labels int32 (b, T) = input ids with -100 on prompt
   tokens and padding (the loss shifts)
+- causal-lm with data.pack: rows of T = max_length holding several examples each, plus
+  segment_ids (1, 2, ... per example, 0 on padding) and position_ids (restarting per example)
+  int32 (b, T); train.batch_size then counts rows, and steps_per_epoch = ceil(rows / batch_size).
+  The layout is fixed when the data is built (`jaxtune.data.packing`); evaluation packs each split
+  in order, every example in exactly one row
 - image-classification: pixel_values float32 (b, C, H, W), labels int32 (b,)
 - always: weights float32 (b,), 1 for real examples, 0 for the filler rows of a last batch.
 T is one of data.buckets (the smallest holding the longest sequence of the global batch).

@@ -62,10 +62,16 @@ class ImageSettings:
 
 
 def image_settings_from_model(path) -> Optional[dict]:
-    """The model folder's preprocessor_config.json as a dict, or None."""
+    """The model folder's preprocessor_config.json as a dict, or None. `path` may also be an HF
+    hub id in the local HF cache (e.g. google/vit-base-patch16-224-in21k), as model.path may."""
     from jaxtune.paths import resolve_path
 
-    f = Path(resolve_path(path)) / "preprocessor_config.json"
+    folder = Path(resolve_path(path))
+    if not folder.is_dir():
+        from jaxtune.models.hf import resolve_model_dir
+
+        folder = resolve_model_dir(path)  # the HF cache, or a one-line error naming the path
+    f = folder / "preprocessor_config.json"
     return json.loads(f.read_text()) if f.exists() else None
 
 

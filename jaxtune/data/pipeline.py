@@ -14,6 +14,9 @@ split in order, with the same zero-weight filling of the last batch.
 The train iterator is a Grain `DatasetIterator` over `MapDataset.range(huge).map(plan).map(batch)`:
 its state is the number of batches consumed, so `get_state()`/`set_state()` (or Grain's Orbax
 handler) resume exactly, whatever the thread or worker count.
+
+Packing (`data.pack`, causal-lm): the plan walks the *rows* of a fixed packed layout instead of
+single examples (see `jaxtune.data.packing`); the rest is the same.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from jaxtune.data.image import ImageEncoder, ImageSettings, channels_of
+from jaxtune.data.packing import Layout, PackedBatch, make_layout, token_lengths
 from jaxtune.data.report import DataReport
 from jaxtune.data.schema import make_schema
 from jaxtune.data.sources import Prepared, SplitSource
@@ -104,7 +108,8 @@ class Data:
     """Batches for training and evaluation; see `jaxtune.data` for the contract."""
 
     def __init__(self, prepared: Prepared, encoder, cfg, *, batch_size: int, eval_batch_size: int,
-                 seed: int, shard_index: int, shard_count: int, buckets: Optional[tuple[int, ...]]):
+                 seed: int, shard_index: int, shard_count: int, buckets: Optional[tuple[int, ...]],
+                 pack: bool = False):
         order = [r for r in ROLES if r in prepared.splits] + [r for r in prepared.splits if r not in ROLES]
         self.splits = {r: prepared.splits[r] for r in order}
         self.label_names = prepared.label_names
@@ -120,7 +125,21 @@ class Data:
         self.shard_index, self.shard_count = shard_index, shard_count
         self.buckets = buckets
         self.num_examples = {k: len(v) for k, v in self.splits.items()}
-        self.steps_per_epoch = math.ceil(self.num_examples["train"] / batch_size)
+        self.pack = pack
+        self._layouts: dict[str, Layout] = {}
+        self.steps_per_epoch = math.ceil(self._units("train") / batch_size)
+
+    def _units(self, split: str) -> int:
+        """What a batch row holds one of: examples, or packed rows."""
+        return self.layout(split).rows if self.pack else len(self._split(split))
+
+    def layout(self, split: str) -> Layout:
+        """The packed rows of `split` (data.pack): shuffled by seed for train, in order otherwise."""
+        if split not in self._layouts:
+            lengths = token_lengths(self._split(split), self.encoder)
+            seed = self.seed if split == "train" else None
+            self._layouts[split] = make_layout(lengths, self.cfg.max_length, seed)
+        return self._layouts[split]
 
     @property
     def num_labels(self) -> Optional[int]:
@@ -153,9 +172,14 @@ class Data:
         """The endless train pipeline as a Grain IterDataset."""
         import grain
 
-        plan = _Plan(self.num_examples["train"], self.batch_size, self.seed)
-        batch = _Batch(self.splits["train"], self._train_encoder(), self.shard_index, self.shard_count, seed=self.seed)
+        plan = _Plan(self._units("train"), self.batch_size, self.seed)
+        batch = self._batcher("train", self._train_encoder(), seed=self.seed)
         return self._finish(grain.MapDataset.range(sys.maxsize).map(plan).map(batch))
+
+    def _batcher(self, split: str, encoder, seed: Optional[int] = None):
+        if self.pack:
+            return PackedBatch(self.splits[split], encoder, self.layout(split), self.shard_index, self.shard_count)
+        return _Batch(self.splits[split], encoder, self.shard_index, self.shard_count, seed=seed)
 
     def _train_encoder(self):
         if isinstance(self.encoder, ImageEncoder) and self.cfg.augment:
@@ -171,20 +195,20 @@ class Data:
         return iter(self.train_dataset())
 
     def eval_steps(self, split: str) -> int:
-        return math.ceil(len(self._split(split)) / self.eval_batch_size)
+        return math.ceil(self._units(split) / self.eval_batch_size)
 
     def eval_dataset(self, split: str):
         import grain
 
-        source = self._split(split)
-        plan = _Plan(len(source), self.eval_batch_size, None)
-        batch = _Batch(source, self.encoder, self.shard_index, self.shard_count)
+        plan = _Plan(self._units(split), self.eval_batch_size, None)
+        batch = self._batcher(split, self.encoder)
         # Threads only: worker processes would start anew for every evaluation.
         return self._finish(grain.MapDataset.range(plan.steps_per_epoch).map(plan).map(batch), workers=False)
 
     def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
         """Every example of `split` exactly once, in order; the last batch is filled with
-        weight-0 copies so all batches have eval_batch_size (this process: its share) rows."""
+        weight-0 copies so all batches have eval_batch_size (this process: its share) rows.
+        Packed: the split's rows in order (each example in exactly one row), filled the same way."""
         return iter(self.eval_dataset(split))
 
     def bucket_counts(self, split: str = "train") -> dict[int, int]:
@@ -205,7 +229,11 @@ class Data:
         if self.label_names is not None:
             shown = ", ".join(self.label_names[:10]) + (", ..." if len(self.label_names) > 10 else "")
             lines.append(f"labels ({len(self.label_names)}): {shown}")
-        if self.buckets:
+        if self.pack:
+            t = self.layout("train")
+            lines.append(f"packed: {self.num_examples['train']} train examples into {t.rows} rows of "
+                         f"{t.length} tokens ({100 * t.fill():.0f}% filled); train.batch_size counts rows")
+        elif self.buckets:
             lines.append(f"padded lengths: {', '.join(map(str, self.buckets))}")
         lines += self.notes
         lines += [str(r) for r in self.report]
@@ -252,8 +280,8 @@ def build_data(cfg, task: str, *, tokenizer=None, image_processor=None, batch_si
     for name, b in (("train.batch_size", batch_size), ("train.eval_batch_size", eval_batch_size)):
         if b < 1 or b % shard_count:
             raise ConfigError(f"{name} ({b}) must be a positive multiple of the process count ({shard_count})")
-    if cfg.pack:
-        raise ConfigError("data.pack is not supported yet; set data.pack=false")
+    if cfg.pack and task != "causal-lm":
+        raise ConfigError(f"data.pack packs causal-lm examples; it does not apply to task {task}")
     for k in ("num_workers", "num_threads"):
         if getattr(cfg, k) < 0:
             raise ConfigError(f"data.{k} must be >= 0, got {getattr(cfg, k)}")
@@ -267,9 +295,10 @@ def build_data(cfg, task: str, *, tokenizer=None, image_processor=None, batch_si
         channels = channels_of(prepared.splits["train"][0]["image"])
         encoder = ImageEncoder(settings, channels, augment=False, crop_scale=cfg.crop_scale, hflip=cfg.hflip)
     else:
-        buckets = make_buckets(cfg.max_length, cfg.buckets)
+        # Packed rows are always max_length long.
+        buckets = (cfg.max_length,) if cfg.pack else make_buckets(cfg.max_length, cfg.buckets)
         num_labels = len(prepared.label_names) if prepared.label_names else None
         encoder = TextEncoder(tokenizer, schema.kind, cfg.max_length, buckets,
                               problem_type=prepared.problem_type, num_labels=num_labels)
     return Data(prepared, encoder, cfg, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed,
-                shard_index=shard_index, shard_count=shard_count, buckets=buckets)
+                shard_index=shard_index, shard_count=shard_count, buckets=buckets, pack=cfg.pack)
