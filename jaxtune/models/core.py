@@ -260,17 +260,25 @@ def dot_product_attention(
 
     Softmax runs in float32 whatever the compute dtype. One function for every family, so a
     faster formulation lands everywhere at once. `scale` defaults to 1 / sqrt(head_dim).
+
+    Why heads-major and the barriers: on XLA CPU, the einsums in BTNH layout fuse with the softmax
+    into one slow kernel. Moving to (batch, heads, T, H) first and keeping the two matmuls and the
+    softmax apart made the MiniLM forward 1.33x faster (eval 40.5 -> 53.7 ex/s, batch 32, seq 128,
+    2 cores) and the train step 1.08x; see tools/bench.py.
     """
     dtype = q_BTNH.dtype
     scale = 1.0 / math.sqrt(q_BTNH.shape[-1]) if scale is None else scale
-    scores_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH * jnp.asarray(scale, dtype), k_BSNH)
-    scores_BNTS = scores_BNTS.astype(jnp.float32)
+    barrier = jax.lax.optimization_barrier
+    q_BNTH, k_BNSH, v_BNSH = barrier(tuple(
+        a.transpose(0, 2, 1, 3) for a in (q_BTNH * jnp.asarray(scale, dtype), k_BSNH, v_BSNH)))
+    scores_BNTS = barrier(jnp.einsum("bnth,bnsh->bnts", q_BNTH, k_BNSH)).astype(jnp.float32)
     if bias is not None:
         scores_BNTS = scores_BNTS + bias.astype(jnp.float32)
     probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(dtype)
     if not deterministic and dropout_rate > 0.0:
         probs_BNTS = dropout(probs_BNTS, dropout_rate, rng)
-    return jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BSNH)
+    out_BNTH = barrier(jnp.einsum("bnts,bnsh->bnth", barrier(probs_BNTS), v_BNSH))
+    return out_BNTH.transpose(0, 2, 1, 3)
 
 
 def _uniform_u16(rng: jax.Array, shape: tuple) -> jax.Array:
