@@ -153,7 +153,16 @@ class ModelOutput:
 
 
 def _gelu_exact(x):
-    return jax.nn.gelu(x, approximate=False)
+    """PyTorch's `x/2 * (1 + erf(x/sqrt 2))`; equal to jax.nn.gelu(approximate=False) to 1e-6.
+
+    Why not jax.nn.gelu: it goes through erfc, which XLA CPU expands into two polynomials and an
+    exp (8.1 ms vs 1.7 ms on a (32, 128, 1536) block). The `where`, a no-op on erf's [-1, 1],
+    keeps the erf out of the neighbouring matmuls' YNNPACK fusion, where it ran 4x slower. With
+    both, the MiniLM train step is ~3.5% faster on 2 cores (eval unchanged).
+    """
+    erf = jax.lax.erf(x * jnp.asarray(math.sqrt(0.5), x.dtype))
+    erf = jnp.where(jnp.abs(erf) <= 1, erf, jnp.sign(erf))
+    return x * 0.5 * (1.0 + erf)
 
 
 def _gelu_tanh(x):
