@@ -4,7 +4,7 @@
 in `REGISTRY`; each family lives in its own folder (`modeling.py`, `params.py`).
 """
 
-from jaxtune.models.core import ModelOutput, logical_axes, merge, split
+from jaxtune.models.core import ModelOutput, logical_axes, merge, plain_autodiff, split
 from jaxtune.models.pretrained import (
     REGISTRY,
     export_tensors,
@@ -26,6 +26,7 @@ __all__ = [
     "get_family",
     "logical_axes",
     "merge",
+    "plain_autodiff",
     "save_pretrained",
     "split",
     "supported_model_types",

@@ -17,6 +17,7 @@ Conventions every family follows (the optimizer, sharding and I/O rely on them):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -200,6 +201,65 @@ def normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
 
+# Whether `linear` layers trace with the hand-written backward below; `plain_autodiff()` turns
+# it off where forward-mode differentiation (jax.jvp, jax.hessian) of a model is needed.
+_DENSE_BACKWARD = [True]
+
+
+@contextlib.contextmanager
+def plain_autodiff():
+    """Trace models inside this block with XLA's own dense-layer derivatives.
+
+    jaxtune's dense layers have a custom reverse-mode rule (see `dense_dot_general`); JAX cannot
+    apply forward mode (`jax.jvp`, `jax.linearize`, `jax.hessian`) to such a rule. Call or jit the
+    model inside `with jaxtune.models.plain_autodiff():` for those; the values are the same.
+    """
+    _DENSE_BACKWARD.append(False)
+    try:
+        yield
+    finally:
+        _DENSE_BACKWARD.pop()
+
+
+@jax.custom_vjp
+def _dense(x, kernel):
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _dense_fwd(x, kernel):
+    return _dense(x, kernel), (x, kernel)
+
+
+def _dense_bwd(residuals, g):
+    x, kernel = residuals
+    # Without the barrier XLA CPU fuses the producer of `g` (layer-norm backward, dropout mask...)
+    # into the transposed copy that feeds the kernel-gradient matmul, and that fusion walks all
+    # its inputs with a stride of the feature size: ~25 ms for a (4096, 384) MiniLM activation.
+    x, g = jax.lax.optimization_barrier((x, g))
+    dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+    # As a 2-D (rows, in) x (rows, out) contraction: over several leading dims XLA transposes
+    # both operands with slower copies.
+    rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    dkernel = jax.lax.dot_general(rows_x, rows_g, (((0,), (0,)), ((), ())))
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                      out_sharding=None):
+    """`nnx.Linear`'s dot_general: `x @ kernel` with the hand-written backward above (MiniLM
+    train step ~12% faster on 2 CPU cores); anything else goes to `lax.dot_general`."""
+    plain = (dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2
+             and precision is None and preferred_element_type is None and out_sharding is None)
+    if plain and _DENSE_BACKWARD[-1]:
+        return _dense(lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type,
+                               out_sharding=out_sharding)
+
+
 def linear(
     cfg: ConfigBase, din: int, dout: int, axes: tuple, *, rngs: nnx.Rngs, std: float = 0.02,
     use_bias: bool = True,
@@ -209,6 +269,7 @@ def linear(
         din,
         dout,
         use_bias=use_bias,
+        dot_general=dense_dot_general,
         dtype=cfg.activation_dtype,
         param_dtype=cfg.param_dtype,
         kernel_init=normal(std),
