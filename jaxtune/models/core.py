@@ -18,6 +18,7 @@ Conventions every family follows (the optimizer, sharding and I/O rely on them):
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import math
@@ -203,7 +204,7 @@ def normal(std: float):
 
 # Whether `linear` layers trace with the hand-written backward below; `plain_autodiff()` turns
 # it off where forward-mode differentiation (jax.jvp, jax.hessian) of a model is needed.
-_DENSE_BACKWARD = [True]
+_DENSE_BACKWARD = contextvars.ContextVar("jaxtune_dense_backward", default=True)
 
 
 @contextlib.contextmanager
@@ -214,11 +215,11 @@ def plain_autodiff():
     apply forward mode (`jax.jvp`, `jax.linearize`, `jax.hessian`) to such a rule. Call or jit the
     model inside `with jaxtune.models.plain_autodiff():` for those; the values are the same.
     """
-    _DENSE_BACKWARD.append(False)
+    token = _DENSE_BACKWARD.set(False)
     try:
         yield
     finally:
-        _DENSE_BACKWARD.pop()
+        _DENSE_BACKWARD.reset(token)
 
 
 @jax.custom_vjp
@@ -253,7 +254,7 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
     train step ~12% faster on 2 CPU cores); anything else goes to `lax.dot_general`."""
     plain = (dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2
              and precision is None and preferred_element_type is None and out_sharding is None)
-    if plain and _DENSE_BACKWARD[-1]:
+    if plain and _DENSE_BACKWARD.get():
         return _dense(lhs, rhs)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type,
