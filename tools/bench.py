@@ -176,7 +176,9 @@ def main(argv=None) -> dict:
     cfg = read_config(resolve_model_dir(args.model))
     rng = np.random.default_rng(0)
     batch = {
-        "input_ids": rng.integers(1000, cfg["vocab_size"], (args.batch, args.seq)).astype(np.int32),
+        # Ordinary word ids (past BERT's special tokens), whatever the vocabulary size.
+        "input_ids": rng.integers(min(1000, cfg["vocab_size"] // 2), cfg["vocab_size"],
+                                  (args.batch, args.seq)).astype(np.int32),
         "attention_mask": np.ones((args.batch, args.seq), np.int32),
         "token_type_ids": np.zeros((args.batch, args.seq), np.int32),
         "labels": rng.integers(0, args.labels, (args.batch,)).astype(np.int32),

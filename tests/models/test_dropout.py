@@ -19,9 +19,11 @@ def test_uniform_u16_is_uniform_and_seeded(shape):
         assert abs(u.mean() / 65535 - 0.5) < 0.002
         counts = np.bincount(u.ravel() >> 12, minlength=16) / u.size  # 16 equal bins
         np.testing.assert_allclose(counts, 1 / 16, atol=0.002)
-        # neighbours (different halves of one threefry word) are not correlated
+        # neighbours (halves of one threefry word, the two words of one evaluation, the next
+        # evaluation) are not correlated
         flat = u.ravel().astype(np.float64)
-        assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 0.01
+        for lag in (1, 2, 3, 4):
+            assert abs(np.corrcoef(flat[:-lag], flat[lag:])[0, 1]) < 0.01
 
 
 def test_different_keys_and_raw_keys():
