@@ -205,5 +205,13 @@ def predict_cmd(model_dir, inputs, as_json, max_new_tokens, sample, temperature,
             click.echo(fmt(r))
 
 
-if __name__ == "__main__":
+def entry():
+    """The console script: tune host memory before any thread starts, then run the command."""
+    from jaxtune.host_memory import keep_host_memory
+
+    user_errors(keep_host_memory)()
     main()
+
+
+if __name__ == "__main__":
+    entry()

@@ -9,6 +9,8 @@ It prints median examples/s after warm-up, their ratio, the achieved GFLOP/s (ma
 analytically, identical for both sides) and its fraction of this machine's fp32 matmul peak,
 measured in the same run (the best of numpy, torch and jax on a large square matmul).
 torch is needed only for the comparison side (`--no-torch` skips it).
+Like `jaxtune run`, it first keeps freed host memory for reuse (jaxtune/host_memory.py), which
+applies to both sides; JAXTUNE_KEEP_HOST_MEMORY=0 times both with glibc's defaults.
 """
 
 from __future__ import annotations
@@ -170,6 +172,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = p.parse_args(argv)
 
+    from jaxtune import host_memory
     from jaxtune.models.hf import read_config, resolve_model_dir
 
     model_dir = str(resolve_model_dir(args.model))
@@ -199,6 +202,7 @@ def main(argv=None) -> dict:
         "batch": args.batch,
         "seq": args.seq,
         "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()},
+        "host_memory_kept": host_memory.kept,
     }
     for name, r in sides.items():
         result[name] = {
@@ -224,6 +228,8 @@ def main(argv=None) -> dict:
 def print_table(r: dict) -> None:
     print(f"$ {r['command']}")
     print(f"{r['model']}  batch {r['batch']}  seq {r['seq']}  fp32  ({r['machine']})")
+    kept = "kept for reuse (jaxtune/host_memory.py)" if r["host_memory_kept"] else "glibc defaults"
+    print(f"host memory, both sides: {kept}")
     print("fp32 matmul peak GFLOP/s: " + ", ".join(f"{k} {v}" for k, v in r["matmul_peak_gflops"].items()))
     sides = [s for s in ("jaxtune", "pytorch") if s in r]
     print(f"{'':22}" + "".join(f"{s:>14}" for s in sides) + ("         ratio" if len(sides) == 2 else ""))
@@ -243,4 +249,7 @@ def print_table(r: dict) -> None:
 
 
 if __name__ == "__main__":
+    from jaxtune.host_memory import keep_host_memory
+
+    keep_host_memory()  # as `jaxtune run` does; before jax and torch start their threads
     main()
