@@ -20,6 +20,7 @@ import platform
 from jaxtune.errors import JaxtuneError
 
 OPT_OUT = "JAXTUNE_KEEP_HOST_MEMORY"  # set to 0 to leave glibc's defaults alone
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 # mallopt(3) parameter numbers, from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -45,9 +46,9 @@ def keep_host_memory() -> bool:
     off glibc, when JAX will run on an accelerator, or when JAXTUNE_KEEP_HOST_MEMORY=0.
     """
     switch = os.environ.get(OPT_OUT, "1").strip().lower()
-    if switch not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+    if switch not in _ON + _OFF:
         raise JaxtuneError(f"{OPT_OUT}={os.environ[OPT_OUT]!r}: expected 1 or 0 (true/false, yes/no, on/off)")
-    if switch in ("0", "false", "no", "off"):
+    if switch in _OFF:
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or not _jax_runs_on_cpu():
         return False
