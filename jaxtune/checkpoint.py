@@ -77,6 +77,28 @@ def _quiet_closed_loop_callbacks() -> None:
     sys.unraisablehook = hook
 
 
+class _QuietSiblingReadErrors(logging.Filter):
+    """A failed restore reads its arrays in parallel asyncio tasks; Orbax awaits the first
+    error, and the other tasks' errors about the same damaged files reach asyncio's '(Task|
+    Future) exception was never retrieved' log, with a traceback, whenever they are garbage
+    collected. The restore's own warning already reports the step, so drop exactly those
+    records: errors that name a step folder we moved aside."""
+
+    def __init__(self):
+        super().__init__()
+        self.damaged: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        e = record.exc_info[1] if record.exc_info else None
+        if e is None or "exception was never retrieved" not in str(record.msg).split("\n")[0]:
+            return True
+        return not any(d in str(e) for d in self.damaged)
+
+
+_sibling_read_errors = _QuietSiblingReadErrors()
+logging.getLogger("asyncio").addFilter(_sibling_read_errors)
+
+
 class CheckpointMismatch(JaxtuneError):
     """A readable checkpoint whose arrays do not fit the recipe's model or optimizer."""
 
@@ -254,6 +276,7 @@ class Checkpoints:
                 raise
             except Exception as e:  # anything else: the files are damaged
                 why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                _sibling_read_errors.damaged.add(f"{self.directory / str(step)}/")
                 where = self._move_aside(step)
                 older = [s for s in self.steps() if s < step]
                 then = f"falling back to step {max(older)}" if older else "no older checkpoint"

@@ -118,6 +118,34 @@ def test_corrupt_latest_is_moved_aside_and_the_previous_one_restores(tmp_path, c
     assert ckpt.steps() == [1, 2, 3]
 
 
+def test_leftover_read_errors_of_a_moved_aside_step_are_not_logged_others_are(tmp_path, caplog):
+    """The parallel reads of a failed restore that nobody awaited reach asyncio's 'exception was
+    never retrieved' log (with a traceback) when garbage collected, at random times: those that
+    name the moved-aside step are dropped, any other stays visible."""
+    import asyncio
+
+    ckpt = Checkpoints(tmp_path / "c", CheckpointConfig(keep=3))
+    state = save_all(ckpt, toy_state(width=300), {1: None, 2: None})
+    for f in (tmp_path / "c" / "2" / "state" / "d").iterdir():
+        f.write_bytes(f.read_bytes()[: 100])
+    assert Checkpoints(tmp_path / "c").restore_latest(jax.eval_shape(lambda: state), Iter).step == 1
+    gc.collect()
+
+    def abandoned_failure(path):
+        loop = asyncio.new_event_loop()
+        future = loop.create_future()
+        future.set_exception(ValueError(f'Error reading "w/.zarray" at local file "{path}/state/"'))
+        loop.close()
+        del future
+        gc.collect()
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        abandoned_failure(tmp_path / "c" / "2")
+        abandoned_failure(tmp_path / "c" / "1")
+    logged = [str(r.exc_info[1]) for r in caplog.records if r.name == "asyncio"]
+    assert len(logged) == 1 and f"{tmp_path / 'c' / '1'}/state/" in logged[0], logged
+
+
 def test_a_checkpoint_of_another_model_is_a_user_error_and_nothing_moves(tmp_path):
     ckpt = Checkpoints(tmp_path / "c", CheckpointConfig())
     save_all(ckpt, toy_state(width=4), {1: None})
