@@ -20,9 +20,10 @@ Why no work is lost: Orbax writes each step into a temporary folder and renames 
 old steps only after the new one is finalized, in the same background thread (async saves
 included). So once one checkpoint exists, some complete checkpoint always exists.
 
-A checkpoint that cannot be read (truncated, corrupt) is moved aside to `<checkpoints>.corrupt/`
-(never deleted) with a warning, and the next older one is tried. A checkpoint that does not fit
-the recipe (other model or optimizer) is a user error: nothing is moved.
+A checkpoint that cannot be read (truncated, corrupt) raises CheckpointDamaged; when resuming,
+it is moved aside to `<checkpoints>.corrupt/` (never deleted) with a warning, and the next older
+one is tried. A checkpoint that does not fit the recipe (other model or optimizer) is a user
+error (CheckpointMismatch): nothing is moved.
 """
 
 from __future__ import annotations
@@ -99,8 +100,58 @@ _sibling_read_errors = _QuietSiblingReadErrors()
 logging.getLogger("asyncio").addFilter(_sibling_read_errors)
 
 
+def _quiet_abandoned_orbax_coroutines() -> None:
+    """The same leftovers, a third way: read coroutines that Orbax created but never awaited
+    ("RuntimeWarning: coroutine 'Store._get_array_metadatas' was never awaited"). Ignore that
+    warning for Orbax's own coroutine functions only, named from its loaded modules."""
+    import gc
+    import inspect
+    import re
+    import warnings
+
+    collecting = gc.isenabled()
+    gc.disable()  # the leftovers are garbage already: a collection now would warn before the filter
+    try:
+        names = set()
+        for name, module in list(sys.modules.items()):
+            if not name.startswith("orbax.") or module is None:
+                continue
+            for obj in list(vars(module).values()):
+                members = vars(obj).values() if inspect.isclass(obj) else (obj,)
+                names.update(f.__qualname__ for f in members if inspect.iscoroutinefunction(f))
+        if names:
+            alternatives = "|".join(re.escape(n) for n in sorted(names))
+            warnings.filterwarnings("ignore", message=f"coroutine '({alternatives})' was never awaited",
+                                    category=RuntimeWarning)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _reason(e: Exception, limit: int = 300) -> str:
+    """One line for a failed read. TensorStore chains its causes from general to specific
+    ('Error opening ...: Error reading ... of local file F: ... not valid for value of size N')
+    and appends its whole spec: keep the specific end, drop the spec.
+
+    >>> _reason(ValueError("OUT_OF_RANGE: Error opening: Error reading file d/1: size 3 [tensorstore_spec=...]"))
+    'ValueError: OUT_OF_RANGE: Error opening: Error reading file d/1: size 3'
+    >>> _reason(OSError("x" * 400)) == "OSError: ..." + "x" * 300
+    True
+    """
+    first = (str(e).splitlines() or [""])[0].split(" [tensorstore_spec")[0]
+    return f"{type(e).__name__}: {first if len(first) <= limit else '...' + first[-limit:]}"
+
+
 class CheckpointMismatch(JaxtuneError):
     """A readable checkpoint whose arrays do not fit the recipe's model or optimizer."""
+
+
+class CheckpointDamaged(JaxtuneError):
+    """A checkpoint whose files cannot be read back (a torn write, a disk error, files gone)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 @dataclass
@@ -253,35 +304,20 @@ class Checkpoints:
         }
         if iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(iterator)
-        try:
-            out = self.mngr.restore(step, args=ocp.args.Composite(**items))
-        except ValueError as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if any(m in first for m in _MISMATCH):
-                raise CheckpointMismatch(
-                    f"checkpoint step {step} in {self.directory} does not fit this recipe's model "
-                    f"or optimizer ({first.rstrip(':')}); use --restart to start over"
-                ) from None
-            raise
+        out = self._restore(step, ocp.args.Composite(**items), "this recipe's model or optimizer",
+                            "; use --restart to start over")
         return Restored(step, out.state, iterator, dict(out.meta or {}))
 
     def restore_latest(self, abstract_state, make_iterator: Callable[[], Any]) -> Optional[Restored]:
         """The newest checkpoint that restores; unreadable ones are moved aside with a warning.
         None when there is none."""
-        _quiet_closed_loop_callbacks()
         for step in sorted(self.steps(), reverse=True):
             try:
                 return self.restore(step, abstract_state, make_iterator())
-            except CheckpointMismatch:
-                raise
-            except Exception as e:  # anything else: the files are damaged
-                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                _sibling_read_errors.damaged.add(f"{self.directory / str(step)}/")
-                where = self._move_aside(step)
+            except CheckpointDamaged as e:
                 older = [s for s in self.steps() if s < step]
                 then = f"falling back to step {max(older)}" if older else "no older checkpoint"
-                log.warning("checkpoint step %d cannot be restored (%s); moved it to %s; %s",
-                            step, why, where, then)
+                log.warning("%s; moved it to %s; %s", e, self.move_aside(step), then)
         return None
 
     def restore_params(self, step: int, abstract_params) -> Any:
@@ -294,18 +330,29 @@ class Checkpoints:
             restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True,
         )
-        try:
-            out = self.mngr.restore(step, args=ocp.args.Composite(state=args))
-        except ValueError as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if any(m in first for m in _MISMATCH):
-                raise CheckpointMismatch(
-                    f"checkpoint step {step} in {self.directory} does not fit the model ({first.rstrip(':')})"
-                ) from None
-            raise
+        out = self._restore(step, ocp.args.Composite(state=args), "the model")
         return out.state["params"]
 
-    def _move_aside(self, step: int) -> Path:
+    def _restore(self, step: int, args, what: str, hint: str = ""):
+        """Orbax's restore of `step`, its failures sorted into the two errors a user can act on:
+        CheckpointMismatch (readable, but not `what`) and CheckpointDamaged (anything else)."""
+        _quiet_closed_loop_callbacks()
+        try:
+            return self.mngr.restore(step, args=args)
+        except Exception as e:
+            _quiet_abandoned_orbax_coroutines()
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if isinstance(e, ValueError) and any(m in first for m in _MISMATCH):
+                raise CheckpointMismatch(
+                    f"checkpoint step {step} in {self.directory} does not fit {what} "
+                    f"({first.rstrip(':')}){hint}"
+                ) from None
+            _sibling_read_errors.damaged.add(f"{self.directory / str(step)}/")
+            raise CheckpointDamaged(
+                f"checkpoint step {step} in {self.directory} cannot be restored ({_reason(e)})", step
+            ) from e
+
+    def move_aside(self, step: int) -> Path:
         """Move a damaged step folder to `<checkpoints>.corrupt/<step>-<time>`: out of Orbax's
         way (so the step can be saved again) without deleting anything."""
         from jaxtune.parallel import is_main_process
@@ -322,4 +369,4 @@ class Checkpoints:
         return dest
 
 
-__all__ = ["CheckpointMismatch", "Checkpoints", "Restored", "is_better", "rank"]
+__all__ = ["CheckpointDamaged", "CheckpointMismatch", "Checkpoints", "Restored", "is_better", "rank"]

@@ -98,7 +98,7 @@ def load(path, *, step: Optional[int] = None, best: bool = True, plan=None) -> L
 
 
 def _load_run(run: Path, *, step: Optional[int], best: bool, plan) -> Loaded:
-    from jaxtune.checkpoint import Checkpoints
+    from jaxtune.checkpoint import CheckpointDamaged, Checkpoints
     from jaxtune.config import load_recipe
     from jaxtune.models import get_family, merge, split
     from jaxtune.models.core import abstract_model
@@ -134,8 +134,14 @@ def _load_run(run: Path, *, step: Optional[int], best: bool, plan) -> Loaded:
     import jax
 
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, shardings)
-    params = ckpt.restore_params(chosen, target)
-    ckpt.close()
+    try:
+        params = ckpt.restore_params(chosen, target)
+    except CheckpointDamaged as e:  # read-only here: say which others exist, move nothing
+        others = [s for s in steps if s != chosen]
+        raise JaxtuneError(f"{e}; other checkpoints: {', '.join(map(str, others))} (--step N)"
+                           if others else f"{e}; it is the only checkpoint of {run}") from None
+    finally:
+        ckpt.close()
     model = merge(graphdef, params, rest)
     return Loaded(model, task, f"{run}, checkpoint step {chosen} ({why})", recipe.model.path,
                   recipe=recipe, step=chosen)

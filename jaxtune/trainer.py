@@ -643,8 +643,13 @@ class Trainer:
             best = None
         model_step = best if best is not None else step
         if model_step != step:
-            params = self.ckpt.restore_params(model_step, self.abstract.params)
-            state = state.replace(params=params)
+            from jaxtune.checkpoint import CheckpointDamaged
+
+            try:
+                state = state.replace(params=self.ckpt.restore_params(model_step, self.abstract.params))
+            except CheckpointDamaged as e:  # the run's own last state is still good: use it
+                self.say(f"warning: {e}; moved it to {self.ckpt.move_aside(model_step)}; using step {step}")
+                model_step, best = step, None
         test = None
         if "test" in d.splits:
             test = self._evaluate(eval_step, state, "test")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import shutil
 import signal
@@ -212,12 +213,11 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tiny, refe
     out = tiny[0] / "damaged"
     shutil.copytree(sigtermed[0], out)
     latest = max(checkpoint_steps(out))
-    for f in (out / "checkpoints" / str(latest) / "state" / "d").iterdir():
-        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])  # a torn write
+    tear(out / "checkpoints" / str(latest))
     proc, _ = run(tiny, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     previous = max(s for s in checkpoint_steps(sigtermed[0]) if s < latest)
-    assert f"checkpoint step {latest} cannot be restored" in proc.stderr
+    assert f"checkpoint step {latest} in {out / 'checkpoints'} cannot be restored" in proc.stderr
     assert f"falling back to step {previous}" in proc.stderr
     assert f"resuming from step {previous}" in proc.stdout
     assert "Traceback" not in proc.stderr
@@ -366,6 +366,71 @@ def test_export_a_step_and_predict(reference, tmp_path):
     r = invoke("predict", out, "good great love")  # a run folder works too (its best checkpoint)
     assert r.exit_code == 0 and r.stdout.strip().endswith("<- good great love")
     assert r.stdout.split()[0] == preds[0]["label"]
+
+
+def tear(step_dir: Path) -> None:
+    """A torn write: every array file of a checkpoint step cut to half its size."""
+    for f in (step_dir / "state" / "d").iterdir():
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+
+
+def test_a_damaged_checkpoint_is_one_line_for_eval_and_export_and_nothing_moves(reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    best = json.loads((out / "summary.json").read_text())["best_step"]
+    tear(out / "checkpoints" / str(best))
+    others = ", ".join(str(s) for s in checkpoint_steps(out) if s != best)
+    for args in (["eval", out], ["export", out, tmp_path / "e"]):
+        r = cli(*args)
+        assert r.returncode == 2, r.stderr[-3000:]
+        err = [line for line in r.stderr.splitlines() if not line.startswith("WARNING:")]  # jax's own
+        assert len(err) == 1 and err[0].startswith(f"error: checkpoint step {best} in {out / 'checkpoints'} "
+                                                   "cannot be restored (ValueError: "), r.stderr
+        assert "is not valid for value of size" in err[0] and err[0].endswith(f"other checkpoints: {others} (--step N)")
+    assert best in checkpoint_steps(out) and not (out / "checkpoints.corrupt").exists()
+    assert not (tmp_path / "e").exists()
+    r = cli("eval", out, "--step", TOTAL)
+    assert r.returncode == 0 and f"checkpoint step {TOTAL} (requested)" in r.stdout, r.stderr[-3000:]
+
+
+# `jaxtune run`, but the best checkpoint is torn just before the final test evaluation reads it back.
+TEAR_BEST_THEN_RUN = """
+import sys
+from pathlib import Path
+from jaxtune.checkpoint import Checkpoints
+real = Checkpoints.restore_params
+def torn(self, step, abstract):
+    for f in (self.directory / str(step) / "state" / "d").iterdir():
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    return real(self, step, abstract)
+Checkpoints.restore_params = torn
+from jaxtune.cli import entry
+sys.argv = ["jaxtune", "run", sys.argv[1]]
+entry()
+"""
+
+
+def test_a_best_checkpoint_damaged_at_the_end_falls_back_to_the_final_state(tiny, reference, tmp_path):
+    import subprocess
+    import sys
+
+    best = json.loads((reference[0] / "summary.json").read_text())["best_step"]
+    assert best < TOTAL  # the premise: the final test reads the best checkpoint back
+    out = tiny[0] / "torn-best"
+    recipe = tiny[1](out, name="torn-best")
+    proc = subprocess.run([sys.executable, "-c", TEAR_BEST_THEN_RUN, str(recipe)], capture_output=True,
+                          text=True, timeout=240, env={**os.environ, **tiny[2]})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"warning: checkpoint step {best} in {out / 'checkpoints'} cannot be restored" in proc.stdout
+    assert f"using step {TOTAL}" in proc.stdout and "Traceback" not in proc.stderr
+    assert [p.name.split("-")[0] for p in (out / "checkpoints.corrupt").iterdir()] == [str(best)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_step"] == TOTAL
+    test = [m for m in read_metrics(out) if m["split"] == "test"]
+    assert len(test) == 1 and test[0]["model_step"] == TOTAL
+    from safetensors.numpy import load_file  # the export holds the final parameters, not the reference's best
+    assert any(not np.array_equal(a, load_file(reference[0] / "export" / "model.safetensors")[k])
+               for k, a in load_file(out / "export" / "model.safetensors").items())
 
 
 @pytest.mark.parametrize("args, message", [
