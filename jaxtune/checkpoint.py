@@ -45,6 +45,9 @@ log = logging.getLogger("jaxtune")
 
 # Substrings of Orbax's errors that mean "this checkpoint is fine, it just holds another tree".
 _MISMATCH = ("tree structures do not match", "is not compatible with the stored shape")
+# What Orbax raises for unreadable files: TensorStore's read errors (ValueError: "OUT_OF_RANGE:
+# ...", "NOT_FOUND: ..."), torn JSON (JSONDecodeError), a missing item (KeyError), file errors.
+_DAMAGE = (OSError, ValueError, KeyError)
 
 
 class _QuietExpectedWarnings(logging.Filter):
@@ -82,8 +85,9 @@ class _QuietSiblingReadErrors(logging.Filter):
     """A failed restore reads its arrays in parallel asyncio tasks; Orbax awaits the first
     error, and the other tasks' errors about the same damaged files reach asyncio's '(Task|
     Future) exception was never retrieved' log, with a traceback, whenever they are garbage
-    collected. The restore's own warning already reports the step, so drop exactly those
-    records: errors that name a step folder we moved aside."""
+    collected. The restore's own error or warning already reports the step, so drop exactly
+    those records: errors that name the folder of a step that failed to restore (and was not
+    saved again since)."""
 
     def __init__(self):
         super().__init__()
@@ -100,25 +104,34 @@ _sibling_read_errors = _QuietSiblingReadErrors()
 logging.getLogger("asyncio").addFilter(_sibling_read_errors)
 
 
+# Where Orbax's read path defines the coroutines a failed restore leaves unawaited.
+_ORBAX_READ_MODULES = ("orbax.checkpoint._src.serialization.", "orbax.checkpoint._src.metadata.")
+
+
 def _quiet_abandoned_orbax_coroutines() -> None:
     """The same leftovers, a third way: read coroutines that Orbax created but never awaited
     ("RuntimeWarning: coroutine 'Store._get_array_metadatas' was never awaited"). Ignore that
-    warning for Orbax's own coroutine functions only, named from its loaded modules."""
+    warning for the coroutine functions of Orbax's read path only, named from its modules."""
     import gc
     import inspect
     import re
     import warnings
 
+    def coroutine_functions(obj):
+        members = vars(obj).values() if inspect.isclass(obj) else (obj,)
+        for f in members:
+            f = getattr(f, "__func__", f)  # staticmethod / classmethod
+            if inspect.iscoroutinefunction(f) and getattr(f, "__module__", "").startswith(_ORBAX_READ_MODULES):
+                yield f.__qualname__
+
     collecting = gc.isenabled()
-    gc.disable()  # the leftovers are garbage already: a collection now would warn before the filter
+    gc.disable()  # no collection of cyclic leftovers while the filter is not in place yet
     try:
         names = set()
         for name, module in list(sys.modules.items()):
-            if not name.startswith("orbax.") or module is None:
-                continue
-            for obj in list(vars(module).values()):
-                members = vars(obj).values() if inspect.isclass(obj) else (obj,)
-                names.update(f.__qualname__ for f in members if inspect.iscoroutinefunction(f))
+            if name.startswith(_ORBAX_READ_MODULES) and module is not None:
+                for obj in list(vars(module).values()):
+                    names.update(coroutine_functions(obj))
         if names:
             alternatives = "|".join(re.escape(n) for n in sorted(names))
             warnings.filterwarnings("ignore", message=f"coroutine '({alternatives})' was never awaited",
@@ -280,6 +293,7 @@ class Checkpoints:
             data=grain.checkpoint.CheckpointSave(iterator),
             meta=ocp.args.JsonSave(meta),
         )
+        _sibling_read_errors.damaged.discard(f"{self.directory / str(step)}/")  # a new step folder
         self.mngr.save(step, args=args, metrics=metrics, force=True)
 
     def wait(self) -> None:
@@ -347,6 +361,8 @@ class Checkpoints:
                     f"checkpoint step {step} in {self.directory} does not fit {what} "
                     f"({first.rstrip(':')}){hint}"
                 ) from None
+            if not isinstance(e, _DAMAGE) or first.startswith("RESOURCE_EXHAUSTED"):
+                raise  # out of memory, a bug: not the files' fault, so no checkpoint is blamed
             _sibling_read_errors.damaged.add(f"{self.directory / str(step)}/")
             raise CheckpointDamaged(
                 f"checkpoint step {step} in {self.directory} cannot be restored ({_reason(e)})", step

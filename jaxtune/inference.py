@@ -138,8 +138,8 @@ def _load_run(run: Path, *, step: Optional[int], best: bool, plan) -> Loaded:
         params = ckpt.restore_params(chosen, target)
     except CheckpointDamaged as e:  # read-only here: say which others exist, move nothing
         others = [s for s in steps if s != chosen]
-        raise JaxtuneError(f"{e}; other checkpoints: {', '.join(map(str, others))} (--step N)"
-                           if others else f"{e}; it is the only checkpoint of {run}") from None
+        raise CheckpointDamaged(f"{e}; other checkpoints: {', '.join(map(str, others))} (--step N)"
+                                if others else f"{e}; it is the only checkpoint of {run}", e.step) from None
     finally:
         ckpt.close()
     model = merge(graphdef, params, rest)

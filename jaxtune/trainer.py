@@ -666,7 +666,8 @@ class Trainer:
             "total_steps": self.total,
             "stopped": p.stopped or "completed",
             "best_step": model_step,
-            "metric": {"name": r.train.metric, "mode": r.train.metric_mode, "value": p.best_value},
+            "metric": {"name": r.train.metric, "mode": r.train.metric_mode,  # of the model tested
+                       "value": p.best_value if best is not None else (p.last_eval or {}).get(r.train.metric)},
             "validation": p.best_metrics if best is not None else p.last_eval,
             "last_validation": {"step": p.last_eval_step, **(p.last_eval or {})} if p.last_eval else None,
             "test": test,

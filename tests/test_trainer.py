@@ -374,13 +374,13 @@ def tear(step_dir: Path) -> None:
         f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
 
 
-def test_a_damaged_checkpoint_is_one_line_for_eval_and_export_and_nothing_moves(reference, tmp_path):
+def test_a_damaged_checkpoint_is_one_line_for_eval_export_predict_and_nothing_moves(reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference[0], out)
     best = json.loads((out / "summary.json").read_text())["best_step"]
     tear(out / "checkpoints" / str(best))
     others = ", ".join(str(s) for s in checkpoint_steps(out) if s != best)
-    for args in (["eval", out], ["export", out, tmp_path / "e"]):
+    for args in (["eval", out], ["export", out, tmp_path / "e"], ["predict", out, "good great love"]):
         r = cli(*args)
         assert r.returncode == 2, r.stderr[-3000:]
         err = [line for line in r.stderr.splitlines() if not line.startswith("WARNING:")]  # jax's own
@@ -425,7 +425,9 @@ def test_a_best_checkpoint_damaged_at_the_end_falls_back_to_the_final_state(tiny
     assert f"using step {TOTAL}" in proc.stdout and "Traceback" not in proc.stderr
     assert [p.name.split("-")[0] for p in (out / "checkpoints.corrupt").iterdir()] == [str(best)]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["best_step"] == TOTAL
+    assert summary["best_step"] == TOTAL and summary["validation"] == {
+        k: v for k, v in summary["last_validation"].items() if k != "step"}
+    assert summary["metric"]["value"] == summary["validation"]["accuracy"]
     test = [m for m in read_metrics(out) if m["split"] == "test"]
     assert len(test) == 1 and test[0]["model_step"] == TOTAL
     from safetensors.numpy import load_file  # the export holds the final parameters, not the reference's best
