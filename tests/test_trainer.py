@@ -13,6 +13,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -86,6 +88,12 @@ def wait_for_step(run_dir, step, proc, timeout=120):
             return
         time.sleep(0.02)
     raise AssertionError(f"no step {step} in {run_dir} after {timeout}s")
+
+
+def tear(step_dir: Path) -> None:
+    """A torn write: every array file of a checkpoint step cut to half its size."""
+    for f in (step_dir / "state" / "d").iterdir():
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
 
 
 def checkpoint_steps(run_dir):
@@ -368,12 +376,6 @@ def test_export_a_step_and_predict(reference, tmp_path):
     assert r.stdout.split()[0] == preds[0]["label"]
 
 
-def tear(step_dir: Path) -> None:
-    """A torn write: every array file of a checkpoint step cut to half its size."""
-    for f in (step_dir / "state" / "d").iterdir():
-        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
-
-
 def test_a_damaged_checkpoint_is_one_line_for_eval_export_predict_and_nothing_moves(reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference[0], out)
@@ -396,7 +398,6 @@ def test_a_damaged_checkpoint_is_one_line_for_eval_export_predict_and_nothing_mo
 # `jaxtune run`, but the best checkpoint is torn just before the final test evaluation reads it back.
 TEAR_BEST_THEN_RUN = """
 import sys
-from pathlib import Path
 from jaxtune.checkpoint import Checkpoints
 real = Checkpoints.restore_params
 def torn(self, step, abstract):
@@ -410,10 +411,7 @@ entry()
 """
 
 
-def test_a_best_checkpoint_damaged_at_the_end_falls_back_to_the_final_state(tiny, reference, tmp_path):
-    import subprocess
-    import sys
-
+def test_a_best_checkpoint_damaged_at_the_end_falls_back_to_the_final_state(tiny, reference):
     best = json.loads((reference[0] / "summary.json").read_text())["best_step"]
     assert best < TOTAL  # the premise: the final test reads the best checkpoint back
     out = tiny[0] / "torn-best"
