@@ -337,6 +337,12 @@ def dot_product_attention(
     into one slow kernel. Moving to (batch, heads, T, H) first and keeping the two matmuls and the
     softmax apart made the MiniLM forward 1.33x faster (eval 40.5 -> 53.7 ex/s, batch 32, seq 128,
     2 cores) and the train step 1.08x; see tools/bench.py.
+
+    Why the softmax is normalised after the second matmul: `(exp @ v) / sum` equals
+    `(exp / sum) @ v` but divides a (B, N, T, H) tensor instead of the (B, N, T, S) one, and on XLA
+    CPU the matmul can then read the exponentials as they are made: the attention took 8.9 ms
+    instead of 14.6 per MiniLM layer (batch 32, seq 128) and the eval step ~7% less time. Dropout
+    on the unnormalised weights is the same dropout (the mask and scale commute with the division).
     """
     dtype = q_BTNH.dtype
     scale = 1.0 / math.sqrt(q_BTNH.shape[-1]) if scale is None else scale
@@ -346,11 +352,16 @@ def dot_product_attention(
     scores_BNTS = barrier(jnp.einsum("bnth,bnsh->bnts", q_BNTH, k_BNSH)).astype(jnp.float32)
     if bias is not None:
         scores_BNTS = scores_BNTS + bias.astype(jnp.float32)
-    probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(dtype)
+    # softmax's own max shift (constant per row, so no gradient flows through it)
+    exp_BNTS = jnp.exp(scores_BNTS - jax.lax.stop_gradient(scores_BNTS.max(axis=-1, keepdims=True)))
+    sum_BNT1 = exp_BNTS.sum(axis=-1, keepdims=True)
+    exp_BNTS = exp_BNTS.astype(dtype)
     if not deterministic and dropout_rate > 0.0:
-        probs_BNTS = dropout(probs_BNTS, dropout_rate, rng)
-    out_BNTH = barrier(jnp.einsum("bnts,bnsh->bnth", barrier(probs_BNTS), v_BNSH))
-    return out_BNTH.transpose(0, 2, 1, 3)
+        exp_BNTS = dropout(exp_BNTS, dropout_rate, rng)
+    # float32 out of the matmul: before the division it sums up to S rows of v (float16 overflows)
+    out_BNTH = barrier(jnp.einsum("bnts,bnsh->bnth", barrier(exp_BNTS), v_BNSH,
+                                  preferred_element_type=jnp.float32)) / sum_BNT1
+    return out_BNTH.astype(dtype).transpose(0, 2, 1, 3)
 
 
 def _uniform_u16(rng: jax.Array, shape: tuple) -> jax.Array:
