@@ -31,6 +31,12 @@ def _attention_inputs(seed=0, batch=3, length=7, heads=2, head_dim=4):
     return q, k, v, g, mask
 
 
+def _softmax_attention(q, k, v, bias, drop=lambda probs: probs):
+    """The textbook formula, softmax(q k^T / sqrt(d) + bias) @ v, with `drop` on the probabilities."""
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1]) + bias
+    return jnp.einsum("bhts,bshd->bthd", drop(jax.nn.softmax(scores, axis=-1)), v)
+
+
 def test_attention_matches_torch_values_and_gradients_with_padding():
     q, k, v, g, mask = _attention_inputs()
 
@@ -55,9 +61,7 @@ def test_attention_dropout_is_dropout_on_the_softmax_probabilities():
     bias = attention_bias(jnp.asarray(mask), jnp.float32)
 
     def reference(q, k, v):
-        scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1]) + bias
-        probs = dropout(jax.nn.softmax(scores, axis=-1), 0.25, key)
-        return jnp.einsum("bhts,bshd->bthd", probs, v)
+        return _softmax_attention(q, k, v, bias, lambda probs: dropout(probs, 0.25, key))
 
     def ours(q, k, v):
         return dot_product_attention(q, k, v, bias, dropout_rate=0.25, deterministic=False, rng=key)
@@ -74,8 +78,7 @@ def test_attention_fully_masked_rows_match_the_softmax_formula():
     q, k, v, _, mask = _attention_inputs(seed=2)
     mask[0, :] = 0
     bias = attention_bias(jnp.asarray(mask), jnp.float32)
-    scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1]) + bias
-    reference = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+    reference = _softmax_attention(q, k, v, bias)
     out = dot_product_attention(q, k, v, bias)
     np.testing.assert_allclose(np.asarray(out), np.asarray(reference), atol=1e-6, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(out[0]), np.broadcast_to(v[0].mean(0), out[0].shape), atol=1e-6)
