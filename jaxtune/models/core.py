@@ -327,11 +327,14 @@ def dot_product_attention(
     deterministic: bool = True,
     rng: Optional[jax.Array] = None,
     scale: Optional[float] = None,
+    query_rows: Optional[int] = None,
 ) -> jax.Array:
     """Softmax attention, (batch, queries, heads, head_dim) layout; bias broadcasts to BNTS.
 
     Softmax runs in float32 whatever the compute dtype. One function for every family, so a
     faster formulation lands everywhere at once. `scale` defaults to 1 / sqrt(head_dim).
+    `query_rows`: the queries are the first rows of a self-attention over that many (a layer
+    that computes only the first token); dropout then draws the mask those rows would get.
 
     Why heads-major and the barriers: on XLA CPU, the einsums in BTNH layout fuse with the softmax
     into one slow kernel. Moving to (batch, heads, T, H) first and keeping the two matmuls and the
@@ -357,33 +360,43 @@ def dot_product_attention(
     sum_BNT1 = exp_BNTS.sum(axis=-1, keepdims=True)
     exp_BNTS = exp_BNTS.astype(dtype)
     if not deterministic and dropout_rate > 0.0:
-        exp_BNTS = dropout(exp_BNTS, dropout_rate, rng)
+        B, N, T, S = exp_BNTS.shape
+        exp_BNTS = dropout(exp_BNTS, dropout_rate, rng, within=(B, N, query_rows or T, S))
     # float32 out of the matmul: before the division it sums up to S rows of v (float16 overflows)
     out_BNTH = barrier(jnp.einsum("bnts,bnsh->bnth", barrier(exp_BNTS), v_BNSH,
                                   preferred_element_type=jnp.float32)) / sum_BNT1
     return out_BNTH.astype(dtype).transpose(0, 2, 1, 3)
 
 
-def _uniform_u16(rng: jax.Array, shape: tuple) -> jax.Array:
+def _uniform_u16(rng: jax.Array, shape: tuple, within: Optional[tuple] = None) -> jax.Array:
     """Uniform integers in [0, 65536) (as uint32), four per threefry2x32 evaluation.
 
     `jax.random.bernoulli` spends a whole threefry2x32 evaluation (two 32-bit words) per element,
     which made dropout's random numbers about a fifth of a BERT train step on CPU. Here each
     evaluation's two words give four 16-bit numbers. Non-threefry keys take `jax.random.bits`.
+    `within`: return the leading `shape` corner of the numbers drawn for this larger shape
+    (same last dimension), computing only that corner.
     """
+    within = tuple(shape) if within is None else tuple(within)
+    if len(within) != len(shape) or (shape and within[-1] != shape[-1]) or any(
+            s > w for s, w in zip(shape, within)):
+        raise ValueError(f"dropout shape {tuple(shape)} is not a leading corner of {within} "
+                         "with the same last dimension")
     if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
         if str(jax.random.key_impl(rng)) != "threefry2x32":
-            return jax.random.bits(rng, shape, jnp.uint16).astype(jnp.uint32)
+            bits = jax.random.bits(rng, within, jnp.uint16).astype(jnp.uint32)
+            return bits[tuple(slice(0, s) for s in shape)]
         k1, k2 = jax.random.key_data(rng)
     else:  # a raw uint32[2] key (jax.random.PRNGKey)
         k1, k2 = rng[0], rng[1]
     *lead, last = shape or (1,)
     counts = (*lead, -(-last // 4))
+    full_counts = (*within[:-1], counts[-1]) if shape else counts
     index = jnp.zeros(counts, jnp.uint32)
     stride = 1
-    for axis in reversed(range(len(counts))):  # the row-major position of each count
+    for axis in reversed(range(len(counts))):  # each count's row-major position in `within`
         index = index + jax.lax.broadcasted_iota(jnp.uint32, counts, axis) * jnp.uint32(stride)
-        stride *= counts[axis]
+        stride *= full_counts[axis]
     words = jnp.stack(threefry2x32_p.bind(k1, k2, jnp.zeros_like(index), index), axis=-1)
     # Each (w1, w2) pair read as four adjacent 16-bit numbers: a bitcast, which XLA fuses into the
     # consumer. Concatenating shifted halves instead made XLA CPU materialise the concatenation
@@ -392,14 +405,16 @@ def _uniform_u16(rng: jax.Array, shape: tuple) -> jax.Array:
     return u16[..., :last].reshape(shape).astype(jnp.uint32)
 
 
-def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+def dropout(x: jax.Array, rate: float, rng: jax.Array, *, within: Optional[tuple] = None) -> jax.Array:
     """Zero each element with probability `rate` and scale the rest to keep the expectation.
 
     `rate` is rounded to a multiple of 1/65536 (0.1 -> 0.100006); the scale uses the rounded
-    value, so the expectation is exact.
+    value, so the expectation is exact. `within`: `x` is the leading corner of a tensor of this
+    shape (a layer that computes only the first token) and gets the mask that tensor would get
+    there, so computing fewer rows leaves the random stream of the rows kept unchanged.
     """
     threshold = round(rate * 65536)
-    keep = _uniform_u16(rng, x.shape) >= threshold
+    keep = _uniform_u16(rng, x.shape, within) >= threshold
     return jnp.where(keep, x * (65536.0 / (65536 - threshold)), 0).astype(x.dtype)
 
 
@@ -409,12 +424,12 @@ class Dropout(nnx.Module):
     def __init__(self, rate: float):
         self.rate = rate
 
-    def __call__(self, x, *, deterministic: bool, rng: Optional[jax.Array]):
+    def __call__(self, x, *, deterministic: bool, rng: Optional[jax.Array], within: Optional[tuple] = None):
         if deterministic or self.rate == 0.0:
             return x
         if rng is None:
             raise ValueError("dropout in training mode needs rngs=<PRNG key>")
-        return dropout(x, self.rate, rng)
+        return dropout(x, self.rate, rng, within=within)
 
 
 class KeySplitter:
@@ -578,11 +593,14 @@ def depth_tree(family: Family, config, params: dict) -> dict:
     return unflatten({p: family.depth_of(config, p) for p in flatten(params)})
 
 
-def call_layer(remat: bool, layer: nnx.Module, *args, deterministic: bool):
-    """`layer(*args, deterministic=...)`, rematerialised in the backward pass when `remat`."""
+def call_layer(remat: bool, layer: nnx.Module, *args, deterministic: bool, **static):
+    """`layer(*args, deterministic=..., **static)`, rematerialised in the backward pass when `remat`.
+
+    `static`: Python values (not arrays) the layer takes as keywords, e.g. `first_token_only`.
+    """
     if not remat:
-        return layer(*args, deterministic=deterministic)
-    return nnx.remat(lambda mod, *a: mod(*a, deterministic=deterministic))(layer, *args)
+        return layer(*args, deterministic=deterministic, **static)
+    return nnx.remat(lambda mod, *a: mod(*a, deterministic=deterministic, **static))(layer, *args)
 
 
 def layered_depth(embed_key: str, layers_key: str, num_layers: Callable[[Any], int]):

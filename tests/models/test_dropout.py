@@ -53,3 +53,22 @@ def test_dropout_is_the_same_on_a_sharded_array():
     xs = jax.device_put(x, NamedSharding(mesh, PartitionSpec("x")))
     many = jax.jit(lambda v: dropout(v, 0.25, jax.random.key(5)))(xs)
     np.testing.assert_array_equal(np.asarray(many), one)
+
+
+@pytest.mark.parametrize("key", [jax.random.key(2), jax.random.PRNGKey(2), jax.random.key(2, impl="rbg")],
+                         ids=["threefry", "raw", "rbg"])
+def test_within_gives_the_corner_of_the_larger_draw(key):
+    full = np.asarray(_uniform_u16(key, (3, 4, 5, 10)))
+    np.testing.assert_array_equal(np.asarray(_uniform_u16(key, (3, 4, 1, 10), within=(3, 4, 5, 10))),
+                                  full[:, :, :1])
+    np.testing.assert_array_equal(np.asarray(_uniform_u16(key, (2, 4, 3, 10), within=(3, 4, 5, 10))),
+                                  full[:2, :, :3])
+    x = jnp.ones((3, 7, 6))
+    np.testing.assert_array_equal(np.asarray(dropout(x[:, :1], 0.3, key, within=x.shape)),
+                                  np.asarray(dropout(x, 0.3, key))[:, :1])
+
+
+@pytest.mark.parametrize("shape,within", [((3, 1, 8), (3, 5, 9)), ((3, 6, 8), (3, 5, 8)), ((3, 8), (3, 1, 8))])
+def test_within_must_hold_the_shape(shape, within):
+    with pytest.raises(ValueError, match=r"not a leading corner of \(3, "):
+        _uniform_u16(jax.random.key(0), shape, within=within)

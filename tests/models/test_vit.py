@@ -53,6 +53,8 @@ def test_parity_with_transformers(tiny, task, overrides):
     assert out.pooler_output is None and np.abs(ref.logits.numpy()).max() > 0.05
     assert tg.max_diff(out.logits, ref.logits.numpy()) <= ATOL
     assert out.logits.shape == (3, overrides["num_labels"])
+    # as usually called: the last layer runs for the CLS token only
+    assert tg.max_diff(from_pretrained(t.path, task=task)(**batch).logits, ref.logits.numpy()) <= ATOL
 
 
 def test_export_reloads_in_transformers_with_same_logits(tiny, tmp_path):

@@ -110,17 +110,19 @@ class BertSelfAttention(nnx.Module):
         self.value = linear(cfg, D, D, ("embed", "heads"), rngs=rngs, std=std)
         self.dropout_rate = cfg.attention_probs_dropout_prob
 
-    def __call__(self, x_BTD, bias, *, deterministic, rng):
+    def __call__(self, x_BTD, bias, *, deterministic, rng, first_token_only=False):
+        """`first_token_only`: queries (and the output) for the first token only; keys all."""
         B, T, _ = x_BTD.shape
         shape = (B, T, self.num_heads, self.head_dim)
-        q_BTNH = self.query(x_BTD).reshape(shape)
+        x_BQD = x_BTD[:, :1] if first_token_only else x_BTD
+        q_BQNH = self.query(x_BQD).reshape(B, x_BQD.shape[1], self.num_heads, self.head_dim)
         k_BTNH = self.key(x_BTD).reshape(shape)
         v_BTNH = self.value(x_BTD).reshape(shape)
-        out_BTNH = dot_product_attention(
-            q_BTNH, k_BTNH, v_BTNH, bias,
-            dropout_rate=self.dropout_rate, deterministic=deterministic, rng=rng,
+        out_BQNH = dot_product_attention(
+            q_BQNH, k_BTNH, v_BTNH, bias,
+            dropout_rate=self.dropout_rate, deterministic=deterministic, rng=rng, query_rows=T,
         )
-        return out_BTNH.reshape(B, T, -1)
+        return out_BQNH.reshape(B, x_BQD.shape[1], -1)
 
 
 class BertSelfOutput(nnx.Module):
@@ -129,8 +131,8 @@ class BertSelfOutput(nnx.Module):
         self.LayerNorm = layer_norm(cfg, cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs)
         self.dropout = Dropout(cfg.hidden_dropout_prob)
 
-    def __call__(self, h, residual_BTD, *, deterministic, rng):
-        h = self.dropout(self.dense(h), deterministic=deterministic, rng=rng)
+    def __call__(self, h, residual_BTD, *, deterministic, rng, within=None):
+        h = self.dropout(self.dense(h), deterministic=deterministic, rng=rng, within=within)
         return self.LayerNorm(h + residual_BTD)
 
 
@@ -140,9 +142,11 @@ class BertAttention(nnx.Module):
         setattr(self, "self", BertSelfAttention(cfg, rngs=rngs))
         self.output = BertSelfOutput(cfg, cfg.hidden_size, "heads", rngs=rngs)
 
-    def __call__(self, x_BTD, bias, *, deterministic, keys):
-        h = getattr(self, "self")(x_BTD, bias, deterministic=deterministic, rng=keys())
-        return self.output(h, x_BTD, deterministic=deterministic, rng=keys())
+    def __call__(self, x_BTD, bias, *, deterministic, keys, first_token_only=False):
+        h = getattr(self, "self")(x_BTD, bias, deterministic=deterministic, rng=keys(),
+                                  first_token_only=first_token_only)
+        residual = x_BTD[:, :1] if first_token_only else x_BTD
+        return self.output(h, residual, deterministic=deterministic, rng=keys(), within=x_BTD.shape)
 
 
 class BertIntermediate(nnx.Module):
@@ -161,10 +165,14 @@ class BertLayer(nnx.Module):
         self.intermediate = BertIntermediate(cfg, rngs=rngs)
         self.output = BertSelfOutput(cfg, cfg.intermediate_size, "mlp", rngs=rngs)
 
-    def __call__(self, x_BTD, bias, rng, *, deterministic):
+    def __call__(self, x_BTD, bias, rng, *, deterministic, first_token_only=False):
+        """`first_token_only`: return the layer's output for the first token only, (B, 1, D),
+        computing only what it needs (its keys and values still come from every token)."""
         keys = KeySplitter(rng)
-        h_BTD = self.attention(x_BTD, bias, deterministic=deterministic, keys=keys)
-        return self.output(self.intermediate(h_BTD), h_BTD, deterministic=deterministic, rng=keys())
+        h_BTD = self.attention(x_BTD, bias, deterministic=deterministic, keys=keys,
+                               first_token_only=first_token_only)
+        return self.output(self.intermediate(h_BTD), h_BTD, deterministic=deterministic, rng=keys(),
+                           within=x_BTD.shape)
 
 
 class BertEncoder(nnx.Module):
@@ -172,10 +180,13 @@ class BertEncoder(nnx.Module):
         self.layer = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.remat = cfg.remat
 
-    def __call__(self, x_BTD, bias, *, deterministic, keys, output_hidden_states=False):
+    def __call__(self, x_BTD, bias, *, deterministic, keys, output_hidden_states=False,
+                 first_token_only=False):
         hidden = [x_BTD]
-        for layer in self.layer:
-            x_BTD = call_layer(self.remat, layer, x_BTD, bias, keys(), deterministic=deterministic)
+        for i, layer in enumerate(self.layer):
+            last = first_token_only and i == len(self.layer) - 1
+            x_BTD = call_layer(self.remat, layer, x_BTD, bias, keys(), deterministic=deterministic,
+                               first_token_only=last)
             hidden.append(x_BTD)
         return x_BTD, (tuple(hidden) if output_hidden_states else None)
 
@@ -190,7 +201,12 @@ class BertPooler(nnx.Module):
 
 
 class BertModel(nnx.Module):
-    """The bare encoder: `last_hidden_state` and (with the pooler) `pooler_output`."""
+    """The bare encoder: `last_hidden_state` and (with the pooler) `pooler_output`.
+
+    `first_token_only=True` (what the sequence-classification heads pass: they read only the
+    first token) runs the last layer for the first token only, so `last_hidden_state` is
+    (B, 1, D); the values are the same. `output_hidden_states=True` computes every token.
+    """
 
     hf_architecture = "BertModel"
     embeddings_cls = BertEmbeddings
@@ -211,6 +227,7 @@ class BertModel(nnx.Module):
         deterministic: bool = True,
         rngs=None,
         output_hidden_states: bool = False,
+        first_token_only: bool = False,
     ) -> ModelOutput:
         keys = KeySplitter(None if deterministic else as_key(rngs))
         if attention_mask is None:
@@ -222,6 +239,7 @@ class BertModel(nnx.Module):
         x_BTD, hidden = self.encoder(
             x_BTD, bias, deterministic=deterministic, keys=keys,
             output_hidden_states=output_hidden_states,
+            first_token_only=first_token_only and not output_hidden_states,
         )
         pooled = self.pooler(x_BTD) if self.pooler is not None else None
         return ModelOutput(last_hidden_state=x_BTD, pooler_output=pooled, hidden_states=hidden)
@@ -246,12 +264,13 @@ class BertTaskModel(nnx.Module):
         setattr(self, self.base_prefix, self.base_cls(cfg, rngs=rngs, add_pooling_layer=self.add_pooling_layer))
 
     def encode(self, input_ids, attention_mask, token_type_ids, position_ids, *, deterministic, rngs,
-               output_hidden_states) -> tuple[ModelOutput, KeySplitter]:
+               output_hidden_states, first_token_only=False) -> tuple[ModelOutput, KeySplitter]:
         """Run the base model; returns its output and the dropout keys left for the head."""
         key = None if deterministic else as_key(rngs)
         out = getattr(self, self.base_prefix)(
             input_ids, attention_mask, token_type_ids, position_ids,
             deterministic=deterministic, rngs=key, output_hidden_states=output_hidden_states,
+            first_token_only=first_token_only,
         )
         return out, head_keys(key)
 
@@ -261,7 +280,11 @@ class BertTaskModel(nnx.Module):
 
 
 class BertForSequenceClassification(BertTaskModel):
-    """Pooled [CLS] -> dropout -> linear. Loss by `problem_type` lives in jaxtune.tasks."""
+    """Pooled [CLS] -> dropout -> linear. Loss by `problem_type` lives in jaxtune.tasks.
+
+    Returns `logits` (and `hidden_states` when asked), not `last_hidden_state`, as transformers'
+    head does: the last layer runs for the [CLS] token alone (see `BertModel`).
+    """
 
     hf_architecture = "BertForSequenceClassification"
     add_pooling_layer = True
@@ -275,9 +298,10 @@ class BertForSequenceClassification(BertTaskModel):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
                  deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
         out, keys = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
-                                deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states)
+                                deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states,
+                                first_token_only=True)
         h = self.dropout(out.pooler_output, deterministic=deterministic, rng=keys())
-        return out.replace(logits=self.classifier(h).astype(jnp.float32))
+        return out.replace(logits=self.classifier(h).astype(jnp.float32), last_hidden_state=None)
 
 
 class BertForTokenClassification(BertTaskModel):

@@ -120,17 +120,19 @@ class DistilBertSelfAttention(nnx.Module):
         self.out_lin = linear(cfg, D, D, ("heads", "embed"), rngs=rngs, std=std)
         self.dropout_rate = cfg.attention_dropout
 
-    def __call__(self, x_BTD, bias, *, deterministic, rng):
+    def __call__(self, x_BTD, bias, *, deterministic, rng, first_token_only=False):
+        """`first_token_only`: queries (and the output) for the first token only; keys all."""
         B, T, _ = x_BTD.shape
-        shape = (B, T, self.num_heads, self.head_dim)
-        out_BTNH = dot_product_attention(
-            self.q_lin(x_BTD).reshape(shape),
-            self.k_lin(x_BTD).reshape(shape),
-            self.v_lin(x_BTD).reshape(shape),
+        x_BQD = x_BTD[:, :1] if first_token_only else x_BTD
+        Q = x_BQD.shape[1]
+        out_BQNH = dot_product_attention(
+            self.q_lin(x_BQD).reshape(B, Q, self.num_heads, self.head_dim),
+            self.k_lin(x_BTD).reshape(B, T, self.num_heads, self.head_dim),
+            self.v_lin(x_BTD).reshape(B, T, self.num_heads, self.head_dim),
             bias,
-            dropout_rate=self.dropout_rate, deterministic=deterministic, rng=rng,
+            dropout_rate=self.dropout_rate, deterministic=deterministic, rng=rng, query_rows=T,
         )
-        return self.out_lin(out_BTNH.reshape(B, T, -1))
+        return self.out_lin(out_BQNH.reshape(B, Q, -1))
 
 
 class FFN(nnx.Module):
@@ -141,8 +143,9 @@ class FFN(nnx.Module):
         self.act = activation(cfg.activation)
         self.dropout = Dropout(cfg.dropout)
 
-    def __call__(self, x_BTD, *, deterministic, rng):
-        return self.dropout(self.lin2(self.act(self.lin1(x_BTD))), deterministic=deterministic, rng=rng)
+    def __call__(self, x_BTD, *, deterministic, rng, within=None):
+        return self.dropout(self.lin2(self.act(self.lin1(x_BTD))), deterministic=deterministic, rng=rng,
+                            within=within)
 
 
 class TransformerBlock(nnx.Module):
@@ -152,10 +155,13 @@ class TransformerBlock(nnx.Module):
         self.ffn = FFN(cfg, rngs=rngs)
         self.output_layer_norm = layer_norm(cfg, cfg.dim, LN_EPS, rngs=rngs)
 
-    def __call__(self, x_BTD, bias, rng, *, deterministic):
+    def __call__(self, x_BTD, bias, rng, *, deterministic, first_token_only=False):
+        """`first_token_only`: the output for the first token only, (B, 1, D) (see DistilBertModel)."""
         keys = KeySplitter(rng)
-        h_BTD = self.sa_layer_norm(self.attention(x_BTD, bias, deterministic=deterministic, rng=keys()) + x_BTD)
-        return self.output_layer_norm(self.ffn(h_BTD, deterministic=deterministic, rng=keys()) + h_BTD)
+        h = self.attention(x_BTD, bias, deterministic=deterministic, rng=keys(), first_token_only=first_token_only)
+        h_BTD = self.sa_layer_norm(h + (x_BTD[:, :1] if first_token_only else x_BTD))
+        h = self.ffn(h_BTD, deterministic=deterministic, rng=keys(), within=x_BTD.shape)
+        return self.output_layer_norm(h + h_BTD)
 
 
 class Transformer(nnx.Module):
@@ -163,10 +169,13 @@ class Transformer(nnx.Module):
         self.layer = nnx.List([TransformerBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.remat = cfg.remat
 
-    def __call__(self, x_BTD, bias, *, deterministic, keys, output_hidden_states=False):
+    def __call__(self, x_BTD, bias, *, deterministic, keys, output_hidden_states=False,
+                 first_token_only=False):
         hidden = [x_BTD]
-        for layer in self.layer:
-            x_BTD = call_layer(self.remat, layer, x_BTD, bias, keys(), deterministic=deterministic)
+        for i, layer in enumerate(self.layer):
+            last = first_token_only and i == len(self.layer) - 1
+            x_BTD = call_layer(self.remat, layer, x_BTD, bias, keys(), deterministic=deterministic,
+                               first_token_only=last)
             hidden.append(x_BTD)
         return x_BTD, (tuple(hidden) if output_hidden_states else None)
 
@@ -176,6 +185,9 @@ class DistilBertModel(nnx.Module):
 
     `token_type_ids` is accepted so that batches built for BERT run unchanged, and ignored:
     DistilBERT has no token-type embeddings (transformers does not take the argument at all).
+    `first_token_only=True` (what the sequence-classification head passes) runs the last layer
+    for the first token only: `last_hidden_state` is (B, 1, D), with the same values.
+    `output_hidden_states=True` computes every token.
     """
 
     hf_architecture = "DistilBertModel"
@@ -186,7 +198,8 @@ class DistilBertModel(nnx.Module):
         self.transformer = Transformer(cfg, rngs=rngs)
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False) -> ModelOutput:
+                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False,
+                 first_token_only: bool = False) -> ModelOutput:
         del token_type_ids  # see the class docstring
         keys = KeySplitter(None if deterministic else as_key(rngs))
         if attention_mask is None:
@@ -195,6 +208,7 @@ class DistilBertModel(nnx.Module):
         x_BTD, hidden = self.transformer(
             x_BTD, attention_bias(attention_mask, jnp.float32), deterministic=deterministic, keys=keys,
             output_hidden_states=output_hidden_states,
+            first_token_only=first_token_only and not output_hidden_states,
         )
         return ModelOutput(last_hidden_state=x_BTD, hidden_states=hidden)
 
@@ -206,15 +220,21 @@ class DistilBertTaskModel(nnx.Module):
         self.config = cfg
         self.distilbert = DistilBertModel(cfg, rngs=rngs)
 
-    def encode(self, input_ids, attention_mask, position_ids, *, deterministic, rngs, output_hidden_states):
+    def encode(self, input_ids, attention_mask, position_ids, *, deterministic, rngs, output_hidden_states,
+               first_token_only=False):
         key = None if deterministic else as_key(rngs)
         out = self.distilbert(input_ids, attention_mask, None, position_ids, deterministic=deterministic,
-                              rngs=key, output_hidden_states=output_hidden_states)
+                              rngs=key, output_hidden_states=output_hidden_states,
+                              first_token_only=first_token_only)
         return out, head_keys(key)
 
 
 class DistilBertForSequenceClassification(DistilBertTaskModel):
-    """First token -> pre_classifier -> relu -> dropout -> classifier."""
+    """First token -> pre_classifier -> relu -> dropout -> classifier.
+
+    Returns `logits` (and `hidden_states` when asked), not `last_hidden_state`, as transformers'
+    head does: the last layer runs for the first token alone.
+    """
 
     hf_architecture = "DistilBertForSequenceClassification"
 
@@ -228,10 +248,10 @@ class DistilBertForSequenceClassification(DistilBertTaskModel):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
                  deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
         out, keys = self.encode(input_ids, attention_mask, position_ids, deterministic=deterministic,
-                                rngs=rngs, output_hidden_states=output_hidden_states)
+                                rngs=rngs, output_hidden_states=output_hidden_states, first_token_only=True)
         h_BD = jax.nn.relu(self.pre_classifier(out.last_hidden_state[:, 0]))
         h_BD = self.dropout(h_BD, deterministic=deterministic, rng=keys())
-        return out.replace(logits=self.classifier(h_BD).astype(jnp.float32))
+        return out.replace(logits=self.classifier(h_BD).astype(jnp.float32), last_hidden_state=None)
 
 
 class DistilBertForTokenClassification(DistilBertTaskModel):

@@ -92,9 +92,10 @@ class RobertaForSequenceClassification(RobertaTaskModel):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
                  deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
         out, keys = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
-                                deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states)
+                                deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states,
+                                first_token_only=True)
         logits = self.classifier(out.last_hidden_state, deterministic=deterministic, keys=keys)
-        return out.replace(logits=logits.astype(jnp.float32))
+        return out.replace(logits=logits.astype(jnp.float32), last_hidden_state=None)
 
 
 class RobertaForTokenClassification(RobertaTaskModel, BertForTokenClassification):

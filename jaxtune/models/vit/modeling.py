@@ -163,14 +163,18 @@ class ViTSelfAttention(nnx.Module):
         self.value = linear(cfg, D, D, ("embed", "heads"), rngs=rngs, std=std, use_bias=cfg.qkv_bias)
         self.dropout_rate = cfg.attention_probs_dropout_prob
 
-    def __call__(self, x_BPD, *, deterministic, rng):
+    def __call__(self, x_BPD, *, deterministic, rng, first_token_only=False):
+        """`first_token_only`: queries (and the output) for the CLS token only; keys all."""
         B, P, _ = x_BPD.shape
         shape = (B, P, self.num_heads, self.head_dim)
+        x_BQD = x_BPD[:, :1] if first_token_only else x_BPD
+        Q = x_BQD.shape[1]
         out = dot_product_attention(
-            self.query(x_BPD).reshape(shape), self.key(x_BPD).reshape(shape), self.value(x_BPD).reshape(shape),
-            None, dropout_rate=self.dropout_rate, deterministic=deterministic, rng=rng,
+            self.query(x_BQD).reshape(B, Q, self.num_heads, self.head_dim),
+            self.key(x_BPD).reshape(shape), self.value(x_BPD).reshape(shape),
+            None, dropout_rate=self.dropout_rate, deterministic=deterministic, rng=rng, query_rows=P,
         )
-        return out.reshape(B, P, -1)
+        return out.reshape(B, Q, -1)
 
 
 class ViTDense(nnx.Module):
@@ -188,8 +192,9 @@ class ViTAttention(nnx.Module):
         self.attention = ViTSelfAttention(cfg, rngs=rngs)
         self.output = ViTDense(cfg, cfg.hidden_size, cfg.hidden_size, ("heads", "embed"), rngs=rngs)
 
-    def __call__(self, x_BPD, *, deterministic, rng):
-        return self.output(self.attention(x_BPD, deterministic=deterministic, rng=rng))
+    def __call__(self, x_BPD, *, deterministic, rng, first_token_only=False):
+        return self.output(self.attention(x_BPD, deterministic=deterministic, rng=rng,
+                                          first_token_only=first_token_only))
 
 
 class ViTLayer(nnx.Module):
@@ -205,12 +210,16 @@ class ViTLayer(nnx.Module):
         self.act = activation(cfg.hidden_act)
         self.dropout = Dropout(cfg.hidden_dropout_prob)
 
-    def __call__(self, x_BPD, rng, *, deterministic):
+    def __call__(self, x_BPD, rng, *, deterministic, first_token_only=False):
+        """`first_token_only`: the output for the CLS token only, (B, 1, D) (see ViTModel)."""
         keys = KeySplitter(rng)
-        h = self.attention(self.layernorm_before(x_BPD), deterministic=deterministic, rng=keys())
-        x_BPD = x_BPD + self.dropout(h, deterministic=deterministic, rng=keys())
+        full = x_BPD.shape
+        h = self.attention(self.layernorm_before(x_BPD), deterministic=deterministic, rng=keys(),
+                           first_token_only=first_token_only)
+        x_BPD = x_BPD[:, :1] if first_token_only else x_BPD
+        x_BPD = x_BPD + self.dropout(h, deterministic=deterministic, rng=keys(), within=full)
         h = self.output(self.act(self.intermediate(self.layernorm_after(x_BPD))))
-        return x_BPD + self.dropout(h, deterministic=deterministic, rng=keys())
+        return x_BPD + self.dropout(h, deterministic=deterministic, rng=keys(), within=full)
 
 
 class ViTEncoder(nnx.Module):
@@ -218,10 +227,12 @@ class ViTEncoder(nnx.Module):
         self.layer = nnx.List([ViTLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.remat = cfg.remat
 
-    def __call__(self, x_BPD, *, deterministic, keys, output_hidden_states=False):
+    def __call__(self, x_BPD, *, deterministic, keys, output_hidden_states=False, first_token_only=False):
         hidden = [x_BPD]
-        for layer in self.layer:
-            x_BPD = call_layer(self.remat, layer, x_BPD, keys(), deterministic=deterministic)
+        for i, layer in enumerate(self.layer):
+            last = first_token_only and i == len(self.layer) - 1
+            x_BPD = call_layer(self.remat, layer, x_BPD, keys(), deterministic=deterministic,
+                               first_token_only=last)
             hidden.append(x_BPD)
         return x_BPD, (tuple(hidden) if output_hidden_states else None)
 
@@ -240,7 +251,9 @@ class ViTModel(nnx.Module):
     """The bare encoder: `last_hidden_state` (after `layernorm`) and (with the pooler) `pooler_output`.
 
     `hidden_states` are as transformers returns them: the embeddings and each layer's output,
-    before the final layernorm.
+    before the final layernorm. `first_token_only=True` (what the image-classification head
+    passes) runs the last layer for the CLS token only: `last_hidden_state` is (B, 1, D), with the
+    same values. `output_hidden_states=True` computes every token.
     """
 
     hf_architecture = "ViTModel"
@@ -253,7 +266,7 @@ class ViTModel(nnx.Module):
         self.pooler = ViTPooler(cfg, rngs=rngs) if add_pooling_layer else None
 
     def __call__(self, pixel_values=None, *, interpolate_pos_encoding: bool = False, deterministic: bool = True,
-                 rngs=None, output_hidden_states: bool = False) -> ModelOutput:
+                 rngs=None, output_hidden_states: bool = False, first_token_only: bool = False) -> ModelOutput:
         if pixel_values is None:
             raise JaxtuneError(f"{type(self).__name__} takes pixel_values (B, C, H, W)")
         if interpolate_pos_encoding:
@@ -262,14 +275,19 @@ class ViTModel(nnx.Module):
         keys = KeySplitter(None if deterministic else as_key(rngs))
         x_BPD = self.embeddings(pixel_values, deterministic=deterministic, rng=keys())
         x_BPD, hidden = self.encoder(x_BPD, deterministic=deterministic, keys=keys,
-                                     output_hidden_states=output_hidden_states)
+                                     output_hidden_states=output_hidden_states,
+                                     first_token_only=first_token_only and not output_hidden_states)
         x_BPD = self.layernorm(x_BPD)
         pooled = self.pooler(x_BPD) if self.pooler is not None else None
         return ModelOutput(last_hidden_state=x_BPD, pooler_output=pooled, hidden_states=hidden)
 
 
 class ViTForImageClassification(nnx.Module):
-    """`classifier` on the final CLS token (no pooler), as transformers."""
+    """`classifier` on the final CLS token (no pooler), as transformers.
+
+    Returns `logits` (and `hidden_states` when asked), not `last_hidden_state`, as transformers'
+    head does: the last layer runs for the CLS token alone.
+    """
 
     hf_architecture = "ViTForImageClassification"
 
@@ -283,5 +301,7 @@ class ViTForImageClassification(nnx.Module):
                  rngs=None, output_hidden_states: bool = False) -> ModelOutput:
         key = None if deterministic else as_key(rngs)
         out = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                       deterministic=deterministic, rngs=key, output_hidden_states=output_hidden_states)
-        return out.replace(logits=self.classifier(out.last_hidden_state[:, 0]).astype(jnp.float32))
+                       deterministic=deterministic, rngs=key, output_hidden_states=output_hidden_states,
+                       first_token_only=True)
+        logits = self.classifier(out.last_hidden_state[:, 0]).astype(jnp.float32)
+        return out.replace(logits=logits, last_hidden_state=None)
