@@ -5,9 +5,11 @@
 
 Both sides run a full training step (forward, backward, global-norm clip 1.0, AdamW with weight
 decay, dropout on) and an eval step (forward to logits, loss and predictions, no gradients) on the same random batch.
-It prints median examples/s after warm-up, their ratio, the achieved GFLOP/s (matmul FLOPs counted
-analytically, identical for both sides) and its fraction of this machine's fp32 matmul peak,
-measured in the same run (the best of numpy, torch and jax on a large square matmul).
+It prints median examples/s after warm-up, their ratio, the matmul FLOPs each side executes per
+step (counted analytically: jaxtune's classification head runs the last layer for the [CLS] token
+alone, transformers runs it for every token), the achieved GFLOP/s and its fraction of this
+machine's fp32 matmul peak, measured in the same run (the best of numpy, torch and jax on a large
+square matmul).
 torch is needed only for the comparison side (`--no-torch` skips it).
 Like `jaxtune run`, it first keeps freed host memory for reuse (jaxtune/host_memory.py), which
 applies to both sides; JAXTUNE_KEEP_HOST_MEMORY=0 times both with glibc's defaults.
@@ -43,12 +45,22 @@ def median_time(fn, steps: int, warmup: int) -> float:
 # FLOPs and peak
 
 
-def encoder_flops(cfg: dict, batch: int, seq: int, num_labels: int) -> dict:
-    """Matmul FLOPs of a BERT-style encoder forward; training counts 3x (forward + 2x backward)."""
+def encoder_flops(cfg: dict, batch: int, seq: int, num_labels: int, last_layer_rows: int | None = None) -> dict:
+    """Matmul FLOPs of a BERT-style encoder forward; training counts 3x (forward + 2x backward).
+
+    `last_layer_rows`: the query rows per example the last layer computes (1 for jaxtune's
+    classification heads; None: all `seq`). Its keys and values still cover every token.
+    """
     D, F, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    tokens = batch * seq
-    per_layer = 2 * tokens * (4 * D * D + 2 * D * F) + 2 * 2 * batch * seq * seq * D
-    forward = L * per_layer + 2 * batch * (D * D + D * num_labels)  # + pooler and classifier
+
+    def layer(rows: int) -> int:
+        keys_values = 2 * batch * seq * 2 * D * D
+        query_output_ffn = 2 * batch * rows * (2 * D * D + 2 * D * F)
+        attention = 2 * 2 * batch * rows * seq * D  # scores and weighted values
+        return keys_values + query_output_ffn + attention
+
+    forward = (L - 1) * layer(seq) + layer(last_layer_rows or seq)
+    forward += 2 * batch * (D * D + D * num_labels)  # pooler and classifier
     return {"forward": forward, "train": 3 * forward}
 
 
@@ -187,7 +199,8 @@ def main(argv=None) -> dict:
         "labels": rng.integers(0, args.labels, (args.batch,)).astype(np.int32),
         "weights": np.ones((args.batch,), np.float32),
     }
-    flops = encoder_flops(cfg, args.batch, args.seq, args.labels)
+    flops = {"jaxtune": encoder_flops(cfg, args.batch, args.seq, args.labels, last_layer_rows=1),
+             "pytorch": encoder_flops(cfg, args.batch, args.seq, args.labels)}
     peak = matmul_peak_gflops()
     peak_best = max(peak.values())
 
@@ -208,8 +221,10 @@ def main(argv=None) -> dict:
         result[name] = {
             "train_examples_per_s": args.batch / r["train_step_s"],
             "eval_examples_per_s": args.batch / r["eval_step_s"],
-            "train_gflops": flops["train"] / r["train_step_s"] / 1e9,
-            "eval_gflops": flops["forward"] / r["eval_step_s"] / 1e9,
+            "train_step_gflop": flops[name]["train"] / 1e9,
+            "eval_step_gflop": flops[name]["forward"] / 1e9,
+            "train_gflops": flops[name]["train"] / r["train_step_s"] / 1e9,
+            "eval_gflops": flops[name]["forward"] / r["eval_step_s"] / 1e9,
             **r,
         }
         result[name]["train_peak_fraction"] = result[name]["train_gflops"] / peak_best
@@ -242,8 +257,10 @@ def print_table(r: dict) -> None:
 
     row("train examples/s", "train_examples_per_s", ".1f", "train_ratio")
     row("eval examples/s", "eval_examples_per_s", ".1f", "eval_ratio")
+    row("GFLOP per train step", "train_step_gflop", ".1f")
     row("train GFLOP/s", "train_gflops", ".1f")
     row("train % of peak", "train_peak_fraction", ".0%")
+    row("GFLOP per eval step", "eval_step_gflop", ".1f")
     row("eval GFLOP/s", "eval_gflops", ".1f")
     row("eval % of peak", "eval_peak_fraction", ".0%")
 

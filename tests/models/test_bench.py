@@ -35,7 +35,11 @@ def test_bench_json_figures_are_consistent(tiny, tmp_path, capsys):
         assert r["eval_examples_per_s"] == pytest.approx(4 / r["eval_step_s"])
         # the JSON's peaks are rounded to 0.1 GFLOP/s, the fraction is not
         assert r["train_peak_fraction"] == pytest.approx(r["train_gflops"] / peak, rel=1e-3)
+        assert r["train_gflops"] == pytest.approx(r["train_step_gflop"] / r["train_step_s"])
+        assert r["eval_gflops"] == pytest.approx(r["eval_step_gflop"] / r["eval_step_s"])
         assert 0 < r["train_examples_per_s"] and 0 < r["eval_examples_per_s"]
+    # jaxtune's head runs the last layer for [CLS] alone; transformers runs every token
+    assert result["jaxtune"]["eval_step_gflop"] < result["pytorch"]["eval_step_gflop"]
     assert result["train_ratio"] == pytest.approx(
         result["jaxtune"]["train_examples_per_s"] / result["pytorch"]["train_examples_per_s"])
     assert result["eval_ratio"] == pytest.approx(
@@ -48,3 +52,6 @@ def test_bench_flops_count_matches_a_hand_count():
     # one layer, batch 1, seq 2: QKV+O 4*2*4*4*2 = 256, FFN 2*2*(4*8*2) = 256, attention
     # 2*2*1*2*2*4 = 64; pooler 2*1*16 = 32, classifier 2*1*(4*3) = 24
     assert bench.encoder_flops(cfg, 1, 2, 3) == {"forward": 632, "train": 1896}
+    # the last layer for one query row: K, V 2*2*(4*4*2) = 128, Q+O and FFN 2*1*(2*16+2*32) = 192,
+    # attention 2*2*1*1*2*4 = 32; the same 56 for pooler and classifier
+    assert bench.encoder_flops(cfg, 1, 2, 3, last_layer_rows=1) == {"forward": 408, "train": 1224}
