@@ -375,7 +375,7 @@ def _uniform_u16(rng: jax.Array, shape: tuple, within: Optional[tuple] = None) -
     which made dropout's random numbers about a fifth of a BERT train step on CPU. Here each
     evaluation's two words give four 16-bit numbers. Non-threefry keys take `jax.random.bits`.
     `within`: return the leading `shape` corner of the numbers drawn for this larger shape
-    (same last dimension), computing only that corner.
+    (same last dimension); threefry keys compute only that corner, other keys draw it all.
     """
     within = tuple(shape) if within is None else tuple(within)
     if len(within) != len(shape) or (shape and within[-1] != shape[-1]) or any(

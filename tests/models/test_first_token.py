@@ -55,7 +55,7 @@ def test_same_logits_and_gradients_as_the_full_last_layer(tiny, vit_tiny, batch_
     out = model(**batch)
     assert out.last_hidden_state is None and out.hidden_states is None
     full = model(**batch, output_hidden_states=True)
-    assert out.last_hidden_state is None and len(full.hidden_states) == 3
+    assert full.last_hidden_state is None and len(full.hidden_states) == 3
     np.testing.assert_allclose(out.logits, full.logits, atol=1e-6, rtol=1e-6)
 
     key = jax.random.key(7)
