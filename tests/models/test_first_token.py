@@ -43,10 +43,9 @@ def load(tiny, vit_tiny, batch_for, arch, task):
     return from_pretrained(t.path, task=task), batch_for(t.model.config)
 
 
-def logits(model, batch, key, full):
-    """Logits of the head as called (first token) or of the full last layer (hidden states on)."""
-    kwargs = {} if key is None else {"deterministic": False, "rngs": key}
-    return model(**batch, output_hidden_states=full, **kwargs).logits
+def train_logits(model, batch, key, full):
+    """Training-mode logits of the head as called (first token) or of the full last layer."""
+    return model(**batch, output_hidden_states=full, deterministic=False, rngs=key).logits
 
 
 @pytest.mark.parametrize("arch,task", HEADS)
@@ -59,14 +58,14 @@ def test_same_logits_and_gradients_as_the_full_last_layer(tiny, vit_tiny, batch_
     np.testing.assert_allclose(out.logits, full.logits, atol=1e-6, rtol=1e-6)
 
     key = jax.random.key(7)
-    a, b = logits(model, batch, key, False), logits(model, batch, key, True)
+    a, b = train_logits(model, batch, key, False), train_logits(model, batch, key, True)
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
     assert not np.allclose(a, out.logits, atol=1e-3)  # dropout was on
 
     graphdef, params, rest = split(model)
 
     def loss(p, full):
-        return jnp.sum(logits(merge(graphdef, p, rest), batch, key, full) ** 2)
+        return jnp.sum(train_logits(merge(graphdef, p, rest), batch, key, full) ** 2)
 
     g_first, g_full = jax.grad(loss)(params, False), jax.grad(loss)(params, True)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(g_first), jax.tree.leaves(g_full)):
