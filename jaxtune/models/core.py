@@ -603,6 +603,20 @@ def call_layer(remat: bool, layer: nnx.Module, *args, deterministic: bool, **sta
     return nnx.remat(lambda mod, *a: mod(*a, deterministic=deterministic, **static))(layer, *args)
 
 
+def run_layers(layers, remat: bool, x, *args, keys: "KeySplitter", deterministic: bool,
+               output_hidden_states: bool = False, first_token_only: bool = False):
+    """An encoder's layer stack: `layer(x, *args, next key)` in turn -> (x, hidden states or None).
+
+    `first_token_only`: the last layer computes the first token only (its output is (B, 1, D)).
+    """
+    hidden = [x]
+    for i, layer in enumerate(layers):
+        last = first_token_only and i == len(layers) - 1
+        x = call_layer(remat, layer, x, *args, keys(), deterministic=deterministic, first_token_only=last)
+        hidden.append(x)
+    return x, (tuple(hidden) if output_hidden_states else None)
+
+
 def layered_depth(embed_key: str, layers_key: str, num_layers: Callable[[Any], int]):
     """A depth function: paths through `embed_key` -> 0, `layers_key/i` -> i + 1, the rest L + 1."""
 

@@ -25,12 +25,12 @@ from jaxtune.models.core import (
     activation,
     as_key,
     attention_bias,
-    call_layer,
     dot_product_attention,
     embed,
     head_keys,
     layer_norm,
     linear,
+    run_layers,
 )
 
 LN_EPS = 1e-12  # hard-coded in transformers' DistilBERT
@@ -171,13 +171,8 @@ class Transformer(nnx.Module):
 
     def __call__(self, x_BTD, bias, *, deterministic, keys, output_hidden_states=False,
                  first_token_only=False):
-        hidden = [x_BTD]
-        for i, layer in enumerate(self.layer):
-            last = first_token_only and i == len(self.layer) - 1
-            x_BTD = call_layer(self.remat, layer, x_BTD, bias, keys(), deterministic=deterministic,
-                               first_token_only=last)
-            hidden.append(x_BTD)
-        return x_BTD, (tuple(hidden) if output_hidden_states else None)
+        return run_layers(self.layer, self.remat, x_BTD, bias, keys=keys, deterministic=deterministic,
+                          output_hidden_states=output_hidden_states, first_token_only=first_token_only)
 
 
 class DistilBertModel(nnx.Module):

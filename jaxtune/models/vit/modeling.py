@@ -27,11 +27,11 @@ from jaxtune.models.core import (
     ModelOutput,
     activation,
     as_key,
-    call_layer,
     dot_product_attention,
     layer_norm,
     linear,
     normal,
+    run_layers,
 )
 
 
@@ -228,13 +228,8 @@ class ViTEncoder(nnx.Module):
         self.remat = cfg.remat
 
     def __call__(self, x_BPD, *, deterministic, keys, output_hidden_states=False, first_token_only=False):
-        hidden = [x_BPD]
-        for i, layer in enumerate(self.layer):
-            last = first_token_only and i == len(self.layer) - 1
-            x_BPD = call_layer(self.remat, layer, x_BPD, keys(), deterministic=deterministic,
-                               first_token_only=last)
-            hidden.append(x_BPD)
-        return x_BPD, (tuple(hidden) if output_hidden_states else None)
+        return run_layers(self.layer, self.remat, x_BPD, keys=keys, deterministic=deterministic,
+                          output_hidden_states=output_hidden_states, first_token_only=first_token_only)
 
 
 class ViTPooler(nnx.Module):
