@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,14 +24,6 @@ import yaml
 
 from jaxtune.errors import ConfigError
 
-TASKS = (
-    "sequence-classification",
-    "token-classification",
-    "causal-lm",
-    "image-classification",
-    "ctc",
-    "seq2seq",
-)
 Task = Literal[
     "sequence-classification",
     "token-classification",
@@ -39,6 +32,8 @@ Task = Literal[
     "ctc",
     "seq2seq",
 ]
+TASKS = typing.get_args(Task)
+OptimizerName = Literal["adamw", "adafactor", "sgd", "lion"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -103,7 +98,7 @@ class UnfreezeConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["adamw", "adafactor", "sgd", "lion"] = "adamw"
+    name: OptimizerName = "adamw"
     lr: float = 5e-5
     schedule: Literal["constant", "linear", "cosine"] = "linear"
     warmup: float = 0.0  # steps (>= 1) or a fraction of total steps (< 1)
@@ -341,17 +336,15 @@ def _check(recipe: Recipe, src: str) -> None:
 
 def check_optim(o: OptimConfig, src: str = "") -> None:
     """The optim section's own rules (also run by `jaxtune.optim.make_optimizer`)."""
-    import re
-
     at = f"{src}: " if src else ""
 
     def bad(msg: str):
         raise ConfigError(f"{at}optim.{msg}")
 
-    if o.name not in ("adamw", "adafactor", "sgd", "lion"):
-        near = difflib.get_close_matches(str(o.name), ["adamw", "adafactor", "sgd", "lion"], n=1)
-        bad(f"name: {o.name!r} is not one of adamw, adafactor, sgd, lion"
-            + (f" (did you mean '{near[0]}'?)" if near else ""))
+    names = typing.get_args(OptimizerName)
+    if o.name not in names:
+        near = difflib.get_close_matches(str(o.name), names, n=1)
+        bad(f"name: {o.name!r} is not one of {', '.join(names)}" + (f" (did you mean '{near[0]}'?)" if near else ""))
     if o.schedule not in ("constant", "linear", "cosine"):
         bad(f"schedule: {o.schedule!r} is not one of constant, linear, cosine")
     if o.decay_toward not in ("zero", "pretrained"):
