@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from matplotlib.figure import Figure
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
 TIMING_KEYS = ("time", "examples_per_s")  # differ between runs; everything else is reproducible
@@ -103,13 +107,8 @@ class RunLog:
             return
         truncate_metrics(self.dir, resume_step)
         self._file = open(self.dir / METRICS_FILE, "a")
-        try:
-            from tensorboardX import SummaryWriter
-
-            purge = 0 if resume_step is None else resume_step + 1  # drop what a resume redoes
-            self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge, flush_secs=30)
-        except ImportError:  # tensorboardX is a dependency; stay useful without it
-            self.tb = None
+        purge = 0 if resume_step is None else resume_step + 1  # drop what a resume redoes
+        self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge, flush_secs=30)
 
     # -- files ---------------------------------------------------------------------------
 
@@ -143,8 +142,6 @@ class RunLog:
         loss, lr = metrics.get("loss", float("nan")), metrics.get("lr", float("nan"))
         if self.tty:
             if self.bar is None:
-                from tqdm import tqdm
-
                 self.bar = tqdm(total=self.total, initial=step - 1, unit="step", dynamic_ncols=True)
             self.bar.update(1)
             self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {examples_per_s:.1f} ex/s", refresh=False)
@@ -171,12 +168,9 @@ def plot_curves(run_dir, metric: Optional[str] = None) -> Optional[Path]:
     val = [m for m in lines if m.get("split") == "validation"]
     if not train and not val:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    # A Figure without pyplot: no global backend or figure registry to set or clean up.
+    fig = Figure(figsize=(10, 4))
+    a, b = fig.subplots(1, 2)
     a.plot([m["step"] for m in train], [m["loss"] for m in train], label="train loss")
     vl = [m for m in val if m.get("loss") is not None]
     if vl:
@@ -198,7 +192,6 @@ def plot_curves(run_dir, metric: Optional[str] = None) -> Optional[Path]:
     out = Path(run_dir) / PLOT_FILE
     tmp = out.with_name(out.stem + ".tmp.png")
     fig.savefig(tmp, dpi=80)
-    plt.close(fig)
     tmp.replace(out)
     return out
 
