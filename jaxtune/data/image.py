@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 from jaxtune.errors import DataError
+from jaxtune.models.hf import resolve_model_dir
+from jaxtune.paths import resolve_path
 
 
 @dataclass(frozen=True)
@@ -64,12 +67,8 @@ class ImageSettings:
 def image_settings_from_model(path) -> Optional[dict]:
     """The model folder's preprocessor_config.json as a dict, or None. `path` may also be an HF
     hub id in the local HF cache (e.g. google/vit-base-patch16-224-in21k), as model.path may."""
-    from jaxtune.paths import resolve_path
-
     folder = Path(resolve_path(path))
     if not folder.is_dir():
-        from jaxtune.models.hf import resolve_model_dir
-
         folder = resolve_model_dir(path)  # the HF cache, or a one-line error naming the path
     f = folder / "preprocessor_config.json"
     return json.loads(f.read_text()) if f.exists() else None
@@ -79,15 +78,11 @@ def channels_of(image) -> int:
     """1 for grayscale, 3 otherwise (alpha and palettes become RGB)."""
     if isinstance(image, np.ndarray):
         return 1 if image.ndim == 2 or image.shape[-1] == 1 else 3
-    from PIL import Image
-
     with Image.open(io.BytesIO(image)) as im:
         return 1 if im.mode in ("L", "1", "I", "I;16", "F") else 3
 
 
 def to_pil(image, mode: str, where: str = "image"):
-    from PIL import Image
-
     if isinstance(image, np.ndarray):
         a = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
         im = Image.fromarray(a)
@@ -143,8 +138,6 @@ class ImageEncoder:
         self.std = np.asarray(settings.std or (1.0,) * c, np.float32).reshape(c, 1, 1)
 
     def one(self, image, rng: Optional[np.random.Generator], where: str = "image") -> np.ndarray:
-        from PIL import Image
-
         im = to_pil(image, self.mode, where)
         size = self.settings.size  # (H, W)
         if rng is not None and self.augment:

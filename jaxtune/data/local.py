@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import dataset_builder, dataset_info
 
 from jaxtune.data.labels import LabelMap
 from jaxtune.data.readers import Table, read_table
@@ -35,7 +37,7 @@ from jaxtune.data.report import DataReport
 from jaxtune.data.schema import Schema
 from jaxtune.data.sources import Prepared, SplitSource
 from jaxtune.data.specs import Spec
-from jaxtune.data.splits import deduplicate, holdout
+from jaxtune.data.splits import dedup_default, deduplicate, heldout_fractions, holdout_from_train
 from jaxtune.errors import DataError
 
 FORMAT_VERSION = 1  # bump when what is written changes
@@ -71,14 +73,6 @@ def fingerprint(specs: dict[str, Spec], schema: Schema, options: dict) -> str:
     return h.hexdigest()
 
 
-def _dedup_default(cfg, schema: Schema) -> bool:
-    return cfg.deduplicate if cfg.deduplicate is not None else schema.kind != "image"
-
-
-def heldout_fractions(cfg, given) -> dict[str, float]:
-    return {k: f for k, f in (("validation", cfg.validation_fraction), ("test", cfg.test_fraction)) if k not in given and f > 0}
-
-
 def prepare_local(specs: dict[str, Spec], schema: Schema, cfg, cache_root: Path) -> Prepared:
     kinds = {s.kind for s in specs.values()}
     if schema.kind == "image":
@@ -94,7 +88,7 @@ def prepare_local(specs: dict[str, Spec], schema: Schema, cfg, cache_root: Path)
         "labels": cfg.labels,
         "heldout": held,
         "split_seed": cfg.split_seed if held else None,
-        "deduplicate": _dedup_default(cfg, schema),
+        "deduplicate": dedup_default(cfg, schema),
         "skip_bad_rows": cfg.skip_bad_rows,
     }
     fp = fingerprint(specs, schema, options)
@@ -146,8 +140,6 @@ def _encode_labels(tables: dict[str, Table], schema: Schema, cfg) -> tuple[Optio
 
 
 def _features(schema: Schema, problem: Optional[str], names, tables: dict[str, Table]):
-    import tensorflow_datasets as tfds
-
     F = tfds.features
     if schema.kind == "text":
         d = {k: F.Text() for k in schema.text_keys}
@@ -198,15 +190,10 @@ def _build(final: Path, specs, schema: Schema, cfg, held: dict[str, float], dedu
     notes = []
     if held:
         train = rows["train"]
-        stratified = problem == "single_label_classification" or schema.kind == "image"
-        labels = np.array([r["label"] for r in train]) if stratified else None
-        parts = holdout(len(train), held, cfg.split_seed, labels)
+        parts, note = holdout_from_train(len(train), held, cfg.split_seed, schema, problem, lambda i: train[i]["label"])
         for k, idx in parts.items():
             rows[k] = [train[i] for i in idx]
-        notes.append(
-            f"{', '.join(f'{k} ({held[k]:g})' for k in held)} held out from train: "
-            f"{'stratified by label, ' if stratified else ''}seed {cfg.split_seed}"
-        )
+        notes.append(note)
     features = _features(schema, problem, names, tables)
     meta = {
         "format": FORMAT_VERSION,
@@ -229,9 +216,6 @@ def _example(row: dict) -> dict:
 
 
 def _write(final: Path, features, rows: dict[str, list[dict]], meta: dict) -> None:
-    import tensorflow_datasets as tfds
-    from tensorflow_datasets.core import dataset_builder, dataset_info
-
     class LocalData(dataset_builder.GeneratorBasedBuilder, skip_registration=True):
         VERSION = tfds.core.Version("1.0.0")
         # A one-part module name stops TFDS looking for checksum files inside our package.
@@ -265,8 +249,6 @@ def _write(final: Path, features, rows: dict[str, list[dict]], meta: dict) -> No
 
 
 def open_local(folder: Path) -> Prepared:
-    import tensorflow_datasets as tfds
-
     meta = json.loads((folder / META).read_text())
     builder = tfds.builder_from_directory(str(folder / BUILDER_NAME / "1.0.0"))
     columns = {k: k for k in meta["columns"]}

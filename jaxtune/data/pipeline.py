@@ -27,15 +27,20 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import grain
+import jax
 import numpy as np
+from absl import flags
 
 from jaxtune.data.image import ImageEncoder, ImageSettings, channels_of
+from jaxtune.data.local import prepare_local
 from jaxtune.data.packing import Layout, PackedBatch, make_layout, token_lengths
 from jaxtune.data.report import DataReport
 from jaxtune.data.schema import make_schema
 from jaxtune.data.sources import Prepared, SplitSource
 from jaxtune.data.specs import parse_spec
 from jaxtune.data.text import TextEncoder, make_buckets
+from jaxtune.data.tfds_source import open_tfds
 from jaxtune.errors import ConfigError, DataError
 
 ROLES = ("train", "validation", "test")
@@ -53,8 +58,6 @@ class _Plan:
         self.steps_per_epoch = math.ceil(n / batch_size)
         self.order = None
         if seed is not None:
-            import grain  # imported late: 0.6 s
-
             # Grain's index shuffle, reseeded every epoch (seed + epoch) by repeat().
             self.order = grain.MapDataset.range(n).shuffle(seed=seed % 2**32).repeat(None)
 
@@ -157,12 +160,8 @@ class Data:
         return self.splits[split]
 
     def _finish(self, ds, workers: bool = True):
-        import grain
-
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.cfg.num_threads, prefetch_buffer_size=self.cfg.prefetch))
         if workers and self.cfg.num_workers > 0:
-            from absl import flags
-
             if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags
                 flags.FLAGS.mark_as_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.cfg.num_workers))
@@ -170,8 +169,6 @@ class Data:
 
     def train_dataset(self):
         """The endless train pipeline as a Grain IterDataset."""
-        import grain
-
         plan = _Plan(self._units("train"), self.batch_size, self.seed)
         batch = self._batcher("train", self._train_encoder(), seed=self.seed)
         return self._finish(grain.MapDataset.range(sys.maxsize).map(plan).map(batch))
@@ -198,8 +195,6 @@ class Data:
         return math.ceil(self._units(split) / self.eval_batch_size)
 
     def eval_dataset(self, split: str):
-        import grain
-
         plan = _Plan(self._units(split), self.eval_batch_size, None)
         batch = self._batcher(split, self.encoder)
         # Threads only: worker processes would start anew for every evaluation.
@@ -251,12 +246,8 @@ def prepare(cfg, task: str, *, cache_dir=None, problem_type: Optional[str] = Non
     specs = {role: parse_spec(getattr(cfg, role), role) for role in ROLES if getattr(cfg, role)}
     root = Path(cache_dir or cfg.cache_dir or default_cache_dir()).expanduser()
     if all(s.kind == "tfds" for s in specs.values()):
-        from jaxtune.data.tfds_source import open_tfds
-
         prepared = open_tfds(specs, schema, cfg, root)
     else:
-        from jaxtune.data.local import prepare_local
-
         prepared = prepare_local(specs, schema, cfg, root)
     for k, s in prepared.splits.items():
         if len(s) == 0:
@@ -270,8 +261,6 @@ def build_data(cfg, task: str, *, tokenizer=None, image_processor=None, batch_si
                cache_dir=None, problem_type: Optional[str] = None) -> Data:
     """Build the data of a recipe; see the `jaxtune.data` docstring."""
     if shard_index is None or shard_count is None:
-        import jax
-
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:

@@ -26,24 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from jaxtune.data.report import FileReport
-from jaxtune.data.schema import Schema
+from jaxtune.data.schema import OPTION, Schema
 from jaxtune.data.specs import Spec
 from jaxtune.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-# Which recipe option names each canonical column (for error messages).
-OPTION = {
-    "text": "text_column",
-    "tokens": "text_column",
-    "text_pair": "text_pair_column",
-    "label": "label_column",
-    "tags": "label_column",
-    "prompt": "prompt_column",
-    "response": "response_column",
-    "image": "image_column",
-}
 _C1 = re.compile("[\x80-\x9f]")
 _BREAK = re.compile("[\r\n]")
 
@@ -289,8 +279,6 @@ def _add(table: Table, schema: Schema, cfg, path, line: int, raw: dict) -> None:
 
 def check_image(data: bytes, path) -> None:
     """Raise DataError naming the file unless PIL can fully decode it."""
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()

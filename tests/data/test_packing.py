@@ -11,9 +11,12 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtune.data import build_data
+from jaxtune.data import build_data, load_tokenizer
 from jaxtune.data.packing import first_fit
 from jaxtune.errors import ConfigError
+from jaxtune.models import from_pretrained, split
+from jaxtune.tasks import evaluate, get_task, make_eval_fn, model_inputs
+from jaxtune.tasks.causal_lm import pack_examples
 
 _spec = importlib.util.spec_from_file_location("_tiny_lm", Path(__file__).parents[1] / "_tiny_lm.py")
 tl = importlib.util.module_from_spec(_spec)
@@ -24,8 +27,6 @@ LENGTH = 32
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from jaxtune.data import load_tokenizer
-
     a = tl.make_assets(tmp_path_factory.mktemp("lm"))
     return {**a, "tok": load_tokenizer(str(a["model"])), "cache": tmp_path_factory.mktemp("cache")}
 
@@ -62,8 +63,6 @@ def encoded(data, split) -> list[tuple]:
 
 
 def test_first_fit_matches_pack_examples():
-    from jaxtune.tasks.causal_lm import pack_examples
-
     lengths = np.random.default_rng(0).integers(1, 20, 200)
     rows = first_fit(lengths, 24)
     assert sorted(i for r in rows for i in r) == list(range(200))
@@ -104,9 +103,6 @@ def test_packed_rows_hold_every_example_once(assets, cfg, pairs):
 
 
 def test_packed_loss_equals_unpacked_token_weighted_loss(assets, cfg):
-    from jaxtune.models import from_pretrained, split
-    from jaxtune.tasks import evaluate, get_task, make_eval_fn, model_inputs
-
     model = from_pretrained(assets["model"])
     task = get_task("causal-lm", model.config)
     eval_step = jax.jit(make_eval_fn(model))

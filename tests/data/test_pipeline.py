@@ -1,11 +1,14 @@
 """The Grain pipeline: shards, buckets, epochs, eval coverage, resume (in a new process, via Orbax)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 import textwrap
 
+import grain
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from jaxtune.data import build_data
@@ -139,11 +142,6 @@ RESUME = textwrap.dedent("""
 
 
 def test_resume_in_a_new_process_via_orbax(texts, tokenizer, tmp_path):
-    import dataclasses
-
-    import grain
-    import orbax.checkpoint as ocp
-
     data = _data(texts, tokenizer, tmp_path)
     it = data.train_iterator()
     for _ in range(7):

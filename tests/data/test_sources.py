@@ -5,6 +5,7 @@ import struct
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from jaxtune.data import DataError, parse_spec, prepare
 from jaxtune.data.labels import LabelMap, sorted_labels
@@ -178,8 +179,6 @@ def test_undecodable_bytes(cfg, tmp_path):
 
 
 def test_undecodable_image_names_file(cfg, tmp_path):
-    from PIL import Image
-
     for cls in ("a", "b"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "imgs" / cls / "ok.png")

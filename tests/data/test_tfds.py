@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxtune.data import DataError, build_data
+from jaxtune.data import DataError, build_data, prepare
 
 
 @pytest.fixture
@@ -81,8 +81,6 @@ def test_glue_text_pairs_and_conll_tags(mock, cfg, tokenizer, tmp_path):
 
 
 def test_unprepared_dataset_is_a_clear_error(cfg, tmp_path):
-    from jaxtune.data import prepare
-
     with pytest.raises(DataError) as e:
         prepare(cfg(train="tfds:imdb_reviews", data_dir=str(tmp_path / "empty")), "sequence-classification",
                 cache_dir=tmp_path / "cache")
