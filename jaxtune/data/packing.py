@@ -2,7 +2,7 @@
 
 A split's *layout* (which examples share a row) is computed once, when the data is built, from
 every example's token count (the split is tokenized once for that): examples are placed first-fit,
-each into the first row with room left (as `jaxtune.tasks.causal_lm.pack_examples` does), in a
+each into the first row with room left (as `pack_examples` does for given examples), in a
 seeded random order for train (so a row mixes examples from the whole file) and in split order for
 evaluation. The layout stays fixed; training then visits its *rows* in a new shuffled order each
 epoch, exactly as unpacked training visits examples. So the train iterator stays a pure function
@@ -20,11 +20,13 @@ token-weighted metrics over a packed split equal those of the same split unpacke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-IGNORE = -100
+from jaxtune.data.text import IGNORE
+from jaxtune.errors import DataError
+
 _CHUNK = 1024  # examples tokenized per call when measuring a split
 
 
@@ -125,6 +127,34 @@ def fill_rows(rows: Sequence[Sequence[tuple]], length: int, pad_id: int) -> dict
     return out
 
 
+def pack_examples(examples: Iterable[dict], length: int, pad_id: int = 0,
+                  max_rows: Optional[int] = None) -> dict[str, np.ndarray]:
+    """Pack examples (`input_ids`, optional `labels`, sequences of ints) into rows of `length` tokens.
+
+    First fit, in order (`first_fit`): each example goes into the first row with room left (longer
+    examples are cut to `length`; empty ones are skipped). Returns the arrays of `fill_rows` plus
+    `weights` (1 per row), all (rows, length) except weights (rows,). `max_rows` caps the rows
+    (more examples: an error).
+
+    >>> pack_examples([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}], length=4)["segment_ids"].tolist()
+    [[1, 1, 1, 2]]
+    """
+    encoded = []
+    for ex in examples:
+        ids = list(ex["input_ids"])[:length]
+        labels = list(ex.get("labels", ids))[:length]
+        if len(labels) != len(ids):
+            raise DataError(f"pack_examples: labels ({len(labels)}) and input_ids ({len(ids)}) differ in length")
+        if ids:
+            encoded.append((ids, None, labels))
+    rows = first_fit([len(ids) for ids, _, _ in encoded], length)
+    if max_rows is not None and len(rows) > max_rows:
+        raise DataError(f"pack_examples: the examples need {len(rows)} rows of {length}, more than {max_rows}")
+    out = fill_rows([[encoded[i] for i in row] for row in rows], length, pad_id)
+    out["weights"] = np.ones((len(rows),), np.float32)
+    return out
+
+
 class PackedBatch:
     """Plan (row indices, weights) -> this process's rows, packed. Picklable (Grain workers)."""
 
@@ -147,4 +177,4 @@ class PackedBatch:
         return out
 
 
-__all__ = ["Layout", "PackedBatch", "fill_rows", "first_fit", "make_layout", "token_lengths"]
+__all__ = ["Layout", "PackedBatch", "fill_rows", "first_fit", "make_layout", "pack_examples", "token_lengths"]
