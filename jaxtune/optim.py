@@ -58,16 +58,6 @@ class Optimizer:
     warmup_steps: int
     plan: dict[str, ParamPlan] = field(default_factory=dict)  # path -> what happens to it
 
-    def describe(self) -> str:
-        """One line per parameter: path, lr multiplier, decay, frozen / start step."""
-        lines = []
-        for path, p in self.plan.items():
-            m = np.asarray(p.multiplier)
-            mult = f"{float(m):.4g}" if m.ndim == 0 else f"[{', '.join(f'{x:.3g}' for x in m)}]"
-            state = "frozen" if p.frozen else f"from {np.asarray(p.start_step).tolist()}"
-            lines.append(f"{path}  lr x{mult}  decay {p.decay or '-'}  {state}")
-        return "\n".join(lines)
-
 
 # ---------------------------------------------------------------------------------------------
 # Schedules
