@@ -24,22 +24,36 @@ A checkpoint that cannot be read (truncated, corrupt) raises CheckpointDamaged; 
 it is moved aside to `<checkpoints>.corrupt/` (never deleted) with a warning, and the next older
 one is tried. A checkpoint that does not fit the recipe (other model or optimizer) is a user
 error (CheckpointMismatch): nothing is moved.
+
+A failed restore leaves echoes of its parallel reads (asyncio log records, unraisable
+callbacks, never-awaited coroutines) that Orbax lets reach stderr. `quiet_orbax()` drops exactly
+those, and Orbax's expected warnings, for the whole process; importing this module changes no
+process-wide state (loggers, warning filters, hooks), so only programs that call it are quieted.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
+import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import grain
 import jax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
 
+from jaxtune.config import CheckpointConfig
 from jaxtune.errors import JaxtuneError
+from jaxtune.parallel import is_main_process
 
 log = logging.getLogger("jaxtune")
 
@@ -48,6 +62,11 @@ _MISMATCH = ("tree structures do not match", "is not compatible with the stored 
 # What Orbax raises for unreadable files: TensorStore's read errors (ValueError: "OUT_OF_RANGE:
 # ...", "NOT_FOUND: ..."), torn JSON (JSONDecodeError), a missing item (KeyError), file errors.
 _DAMAGE = (OSError, ValueError, KeyError)
+
+
+# ---------------------------------------------------------------------------------------------
+# Orbax's expected noise, quieted only when asked (quiet_orbax): importing this module changes
+# no process-wide state.
 
 
 class _QuietExpectedWarnings(logging.Filter):
@@ -60,34 +79,14 @@ class _QuietExpectedWarnings(logging.Filter):
         return not any(m in record.getMessage() for m in self.EXPECTED)
 
 
-logging.getLogger("absl").addFilter(_QuietExpectedWarnings())
-
-
-def _quiet_closed_loop_callbacks() -> None:
-    """After a failed restore, TensorStore still completes the other reads of that restore and
-    calls back into Orbax's (already closed) event loop: one 'Event loop is closed' traceback
-    per array, through sys.unraisablehook. Drop exactly those; everything else passes."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_jaxtune", False):
-        return
-
-    def hook(unraisable):
-        e = unraisable.exc_value
-        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
-            return
-        previous(unraisable)
-
-    hook._jaxtune = True
-    sys.unraisablehook = hook
-
-
 class _QuietSiblingReadErrors(logging.Filter):
     """A failed restore reads its arrays in parallel asyncio tasks; Orbax awaits the first
     error, and the other tasks' errors about the same damaged files reach asyncio's '(Task|
     Future) exception was never retrieved' log, with a traceback, whenever they are garbage
     collected. The restore's own error or warning already reports the step, so drop exactly
     those records: errors that name the folder of a step that failed to restore (and was not
-    saved again since)."""
+    saved again since). `Checkpoints` keeps `damaged` up to date whether or not the filter is
+    installed."""
 
     def __init__(self):
         super().__init__()
@@ -100,45 +99,71 @@ class _QuietSiblingReadErrors(logging.Filter):
         return not any(d in str(e) for d in self.damaged)
 
 
+_expected_warnings = _QuietExpectedWarnings()
 _sibling_read_errors = _QuietSiblingReadErrors()
-logging.getLogger("asyncio").addFilter(_sibling_read_errors)
 
 
-# Where Orbax's read path defines the coroutines a failed restore leaves unawaited.
+def _drop_closed_loop_callbacks(previous: Callable) -> Callable:
+    """An unraisable hook: after a failed restore, TensorStore still completes the other reads
+    of that restore and calls back into Orbax's (already closed) event loop: one 'Event loop is
+    closed' traceback per array. Drop exactly those; everything else goes to `previous`."""
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._jaxtune = True
+    return hook
+
+
+# Where Orbax's read path defines the coroutines a failed restore leaves unawaited (all of them
+# are imported with `orbax.checkpoint`).
 _ORBAX_READ_MODULES = ("orbax.checkpoint._src.serialization.", "orbax.checkpoint._src.metadata.")
 
 
-def _quiet_abandoned_orbax_coroutines() -> None:
-    """The same leftovers, a third way: read coroutines that Orbax created but never awaited
-    ("RuntimeWarning: coroutine 'Store._get_array_metadatas' was never awaited"). Ignore that
-    warning for the coroutine functions of Orbax's read path only, named from its modules."""
-    import gc
-    import inspect
-    import re
-    import warnings
+def _orbax_read_coroutines() -> list[str]:
+    """Qualified names of the coroutine functions defined in Orbax's read path."""
+    names = set()
+    for name, module in list(sys.modules.items()):
+        if not name.startswith(_ORBAX_READ_MODULES) or module is None:
+            continue
+        for obj in list(vars(module).values()):
+            for f in vars(obj).values() if inspect.isclass(obj) else (obj,):
+                f = getattr(f, "__func__", f)  # staticmethod / classmethod
+                if inspect.iscoroutinefunction(f) and getattr(f, "__module__", "").startswith(_ORBAX_READ_MODULES):
+                    names.add(f.__qualname__)
+    return sorted(names)
 
-    def coroutine_functions(obj):
-        members = vars(obj).values() if inspect.isclass(obj) else (obj,)
-        for f in members:
-            f = getattr(f, "__func__", f)  # staticmethod / classmethod
-            if inspect.iscoroutinefunction(f) and getattr(f, "__module__", "").startswith(_ORBAX_READ_MODULES):
-                yield f.__qualname__
 
-    collecting = gc.isenabled()
-    gc.disable()  # no collection of cyclic leftovers while the filter is not in place yet
-    try:
-        names = set()
-        for name, module in list(sys.modules.items()):
-            if name.startswith(_ORBAX_READ_MODULES) and module is not None:
-                for obj in list(vars(module).values()):
-                    names.update(coroutine_functions(obj))
-        if names:
-            alternatives = "|".join(re.escape(n) for n in sorted(names))
-            warnings.filterwarnings("ignore", message=f"coroutine '({alternatives})' was never awaited",
-                                    category=RuntimeWarning)
-    finally:
-        if collecting:
-            gc.enable()
+def quiet_orbax() -> None:
+    """Quiet what Orbax reports that is expected in jaxtune, for this whole process. Call it
+    once at the start of a program (`jaxtune`'s CLI and a run's start do); calling it again
+    installs nothing twice. It installs:
+
+    - on the `absl` logger, a filter that drops Orbax's expected warnings (saves without
+      metrics between evaluations; checkpoints opened read-only by `jaxtune eval/export`);
+    - on the `asyncio` logger, a filter that drops the 'exception was never retrieved' records
+      of a failed restore's sibling reads (they name a step already reported as damaged);
+    - a `sys.unraisablehook` wrapper that drops the 'Event loop is closed' callbacks those
+      reads make after Orbax closed its loop;
+    - a `warnings` filter that ignores "coroutine '...' was never awaited" for the coroutine
+      functions of Orbax's read path only (named from its modules; others still warn).
+
+    A failed restore is reported all the same (CheckpointDamaged, a warning): only the echoes
+    of its parallel reads are dropped. Without this call they reach stderr, nothing else changes.
+    """
+    for logger, f in (("absl", _expected_warnings), ("asyncio", _sibling_read_errors)):
+        if f not in logging.getLogger(logger).filters:
+            logging.getLogger(logger).addFilter(f)
+    if not getattr(sys.unraisablehook, "_jaxtune", False):
+        sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+    names = _orbax_read_coroutines()
+    if names:
+        message = f"coroutine '({'|'.join(re.escape(n) for n in names)})' was never awaited"
+        if not any(f[0] == "ignore" and getattr(f[1], "pattern", None) == message for f in warnings.filters):
+            warnings.filterwarnings("ignore", message=message, category=RuntimeWarning)
 
 
 def _reason(e: Exception, limit: int = 300) -> str:
@@ -207,8 +232,6 @@ def is_better(value: float, best: Optional[float], mode: str, min_delta: float =
 
 
 def _policy(keep: int, keep_best: int, key: Callable):
-    from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
-
     policies = [pp.LatestN(n=keep)]
     if keep_best > 0:
         policies.append(pp.BestN(get_metric_fn=key, n=keep_best, keep_checkpoints_without_metrics=False))
@@ -219,8 +242,6 @@ def _abstract(tree):
     """ShapeDtypeStructs with shardings of a pytree of arrays or ShapeDtypeStructs. A leaf
     without a sharding gets this process's first device: Orbax then restores a jax.Array and
     checks shapes (a numpy restore would silently pad or truncate)."""
-    import orbax.checkpoint as ocp
-
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def one(x):
@@ -237,11 +258,6 @@ class Checkpoints:
 
     def __init__(self, directory, cfg=None, *, metric: str = "accuracy", mode: str = "max",
                  read_only: bool = False):
-        import grain
-        import orbax.checkpoint as ocp
-
-        from jaxtune.config import CheckpointConfig
-
         cfg = cfg or CheckpointConfig()
         self.directory = Path(directory).absolute()
         self.metric, self.mode = metric, mode
@@ -283,9 +299,6 @@ class Checkpoints:
     def save(self, step: int, state, iterator, meta: dict, metrics: Optional[dict] = None) -> None:
         """Start saving `step` (returns once arrays are copied off the devices, with async_save).
         `metrics`: the eval metrics of this step, which rank it for keep_best."""
-        import grain
-        import orbax.checkpoint as ocp
-
         if metrics is not None:
             metrics = {**{k: float(v) for k, v in metrics.items()}, "step": int(step)}
         args = ocp.args.Composite(
@@ -308,9 +321,6 @@ class Checkpoints:
     def restore(self, step: int, abstract_state, iterator=None) -> Restored:
         """Restore one step: the state onto the shardings of `abstract_state` (arrays or
         ShapeDtypeStructs), the iterator in place, and the meta dict."""
-        import grain
-        import orbax.checkpoint as ocp
-
         target = _abstract(abstract_state)
         items = {
             "state": ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
@@ -336,8 +346,6 @@ class Checkpoints:
 
     def restore_params(self, step: int, abstract_params) -> Any:
         """Only the params of a step's TrainState (for export and evaluation)."""
-        import orbax.checkpoint as ocp
-
         target = {"params": _abstract(abstract_params)}
         args = ocp.args.PyTreeRestore(
             item=target,
@@ -350,11 +358,9 @@ class Checkpoints:
     def _restore(self, step: int, args, what: str, hint: str = ""):
         """Orbax's restore of `step`, its failures sorted into the two errors a user can act on:
         CheckpointMismatch (readable, but not `what`) and CheckpointDamaged (anything else)."""
-        _quiet_closed_loop_callbacks()
         try:
             return self.mngr.restore(step, args=args)
         except Exception as e:
-            _quiet_abandoned_orbax_coroutines()
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             if isinstance(e, ValueError) and any(m in first for m in _MISMATCH):
                 raise CheckpointMismatch(
@@ -371,18 +377,14 @@ class Checkpoints:
     def move_aside(self, step: int) -> Path:
         """Move a damaged step folder to `<checkpoints>.corrupt/<step>-<time>`: out of Orbax's
         way (so the step can be saved again) without deleting anything."""
-        from jaxtune.parallel import is_main_process
-
         dest = self.directory.parent / f"{self.directory.name}.corrupt" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
         if is_main_process():
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(self.directory / str(step)), str(dest))
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"jaxtune-move-aside-{step}")
         self.mngr.reload()
         return dest
 
 
-__all__ = ["CheckpointDamaged", "CheckpointMismatch", "Checkpoints", "Restored", "is_better", "rank"]
+__all__ = ["CheckpointDamaged", "CheckpointMismatch", "Checkpoints", "Restored", "is_better", "quiet_orbax", "rank"]

@@ -1,10 +1,14 @@
 """jaxtune.checkpoint on a toy TrainState: what is kept, fallback, mismatch, never zero checkpoints."""
 
+import asyncio
 import gc
 import inspect
 import json
 import logging
 import re
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -14,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from orbax.checkpoint._src.serialization import serialization
 
-from jaxtune.checkpoint import CheckpointDamaged, CheckpointMismatch, Checkpoints, is_better, rank
+from jaxtune.checkpoint import CheckpointDamaged, CheckpointMismatch, Checkpoints, is_better, quiet_orbax, rank
 from jaxtune.config import CheckpointConfig
 from jaxtune.train import init_state
 
@@ -27,9 +32,20 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 
 @pytest.fixture(autouse=True)
-def _collect_abandoned_reads():
+def _quiet_orbax():
+    """quiet_orbax() as the CLI calls it, undone after each test (pytest restores the warning
+    filters itself) so that no other test module runs quieted."""
+    absl, aio = logging.getLogger("absl"), logging.getLogger("asyncio")
+    saved = list(absl.filters), list(aio.filters), sys.unraisablehook
+    quiet_orbax()
     yield
-    gc.collect()
+    absl.filters[:], aio.filters[:], sys.unraisablehook = saved[0], saved[1], saved[2]
+
+
+@pytest.fixture(autouse=True)
+def _collect_abandoned_reads(_quiet_orbax):
+    yield
+    gc.collect()  # before _quiet_orbax is undone
 
 
 class Iter:
@@ -163,8 +179,6 @@ def test_leftover_read_errors_of_a_failed_step_are_not_logged_others_are(tmp_pat
     never retrieved' log (with a traceback) when garbage collected, at random times: those that
     name the step that failed are dropped, any other stays visible. The same for the warnings of
     coroutines never awaited: Orbax's are dropped, others stay."""
-    import asyncio
-
     ckpt = Checkpoints(tmp_path / "c", CheckpointConfig(keep=3))
     state = save_all(ckpt, toy_state(width=300), {1: None, 2: None})
     truncate(tmp_path / "c" / "2")
@@ -186,8 +200,6 @@ def test_leftover_read_errors_of_a_failed_step_are_not_logged_others_are(tmp_pat
     assert len(logged) == 1 and f"{tmp_path / 'c' / '1'}/state/" in logged[0], logged
 
     # ... and coroutines that Orbax created but never awaited warn only when they are not Orbax's
-    from orbax.checkpoint._src.serialization import serialization
-
     async def ours():
         pass
 
@@ -250,3 +262,57 @@ def test_rank_and_is_better():
     assert low({"loss": 0.1, "step": 9}) > low({"loss": 0.2, "step": 1})
     assert is_better(0.3, 0.5, "min", min_delta=0.1) and not is_better(0.45, 0.5, "min", min_delta=0.1)
     assert not is_better(float("nan"), 0.5, "max")
+
+
+# Run in a fresh interpreter: the modules jaxtune.checkpoint imports first (others' import-time
+# filters, e.g. numpy's, are not ours), found from its source so that the list cannot go stale.
+FRESH_IMPORT = textwrap.dedent("""
+    import ast, gc, importlib, importlib.util, json, logging, sys, warnings
+    source = open(importlib.util.find_spec("jaxtune.checkpoint").origin).read()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            importlib.import_module(node.module)
+            for alias in node.names:  # `from jax.experimental import multihost_utils`
+                try:
+                    importlib.import_module(f"{node.module}.{alias.name}")
+                except ModuleNotFoundError:
+                    pass
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                importlib.import_module(alias.name)
+    assert "jaxtune.checkpoint" not in sys.modules
+
+    def state():
+        return {"absl": list(logging.getLogger("absl").filters), "asyncio": list(logging.getLogger("asyncio").filters),
+                "hook": sys.unraisablehook, "warnings": list(warnings.filters), "gc": gc.isenabled()}
+
+    before = state()
+    import jaxtune.checkpoint as ckpt
+    imported = state()
+    ckpt.quiet_orbax()
+    once = state()
+    ckpt.quiet_orbax()
+    twice = state()
+    print(json.dumps({
+        "unchanged_by_import": {k: imported[k] == before[k] for k in before},
+        "added": {k: len(once[k]) - len(before[k]) for k in ("absl", "asyncio", "warnings")},
+        "new_warning": [once["warnings"][0][0], once["warnings"][0][1].pattern, once["warnings"][0][2].__name__],
+        "hook": [once["hook"] is not before["hook"], getattr(once["hook"], "_jaxtune", False)],
+        "gc": [before["gc"], imported["gc"], once["gc"]],
+        "second_call_unchanged": {k: twice[k] == once[k] for k in before},
+    }))
+""")
+
+
+def test_importing_changes_no_process_state_and_quiet_orbax_installs_once():
+    proc = subprocess.run([sys.executable, "-c", FRESH_IMPORT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.splitlines()[-1])
+    assert r["unchanged_by_import"] == {"absl": True, "asyncio": True, "hook": True, "warnings": True, "gc": True}
+    assert r["added"] == {"absl": 1, "asyncio": 1, "warnings": 1}
+    action, message, category = r["new_warning"]
+    assert action == "ignore" and category == "RuntimeWarning"
+    assert message.startswith("coroutine '(") and message.endswith(")' was never awaited")
+    assert "|Store\\._get_array_metadatas|" in message  # Orbax's read path, named one by one
+    assert r["hook"] == [True, True] and r["gc"] == [True, True, True]
+    assert r["second_call_unchanged"] == {"absl": True, "asyncio": True, "hook": True, "warnings": True, "gc": True}
