@@ -236,9 +236,14 @@ def test_there_is_always_a_finished_checkpoint_once_one_was_written(tmp_path):
     seen, stop = [], threading.Event()
 
     def watch():
+        # A look counts when the folder list is the same before and after its checks: otherwise
+        # it can list step n while n+1 is still a tmp folder, then find n already being deleted
+        # (after n+1 was finalized and renamed) and count no finished step where there was one.
         while not stop.is_set():
-            done = [p.name for p in root.iterdir() if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists()]
-            seen.append(len(done))
+            names = sorted(p.name for p in root.iterdir())
+            done = [n for n in names if n.isdigit() and (root / n / "_CHECKPOINT_METADATA").exists()]
+            if sorted(p.name for p in root.iterdir()) == names:
+                seen.append(len(done))
 
     t = threading.Thread(target=watch)
     t.start()
