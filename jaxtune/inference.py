@@ -101,7 +101,7 @@ def _load_run(run: Path, *, step: Optional[int], best: bool, plan) -> Loaded:
     from jaxtune.checkpoint import CheckpointDamaged, Checkpoints
     from jaxtune.config import load_recipe
     from jaxtune.models import get_family, merge, split
-    from jaxtune.models.core import abstract_model
+    from jaxtune.models.trees import abstract_model
     from jaxtune.models.pretrained import make_config
     from jaxtune.trainer import MODEL_CONFIG
 

@@ -32,7 +32,7 @@ import optax
 
 from jaxtune.config import OptimConfig, check_optim
 from jaxtune.errors import ConfigError
-from jaxtune.models.core import flatten, path_str, unflatten
+from jaxtune.models.trees import flatten, path_str, unflatten
 from jaxtune.transforms import decay_toward_pretrained, gradual_unfreeze, lookup, scale_by_factors
 
 NO_DECAY_LEAVES = ("bias", "scale")  # Linear/LayerNorm biases, LayerNorm scales

@@ -36,6 +36,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxtune.errors import JaxtuneError
+from jaxtune.models.trees import flatten, key_path, logical_axes, path_str, split, unflatten
 
 log = logging.getLogger("jaxtune")
 
@@ -243,8 +244,6 @@ def _names_of(leaf_names, ndim: int) -> tuple:
 def shardings_for(axes: dict, shapes: dict, mesh: Mesh, rules: Optional[dict] = None) -> dict:
     """NamedShardings for a params-shaped dict, given its logical `axes` tree and its arrays or
     ShapeDtypeStructs `shapes` (any pytree with a `.shape` per leaf)."""
-    from jaxtune.models.core import flatten, path_str, unflatten
-
     rules = make_rules(rules, mesh)
     flat_axes = flatten(axes)
     fallbacks = _Fallbacks()
@@ -264,8 +263,6 @@ def param_shardings(model, mesh: Mesh, rules: Optional[Rules] = None) -> dict:
     `from_pretrained(..., shardings=functools.partial(param_shardings, mesh=mesh))`.
     Parameters without logical axes are replicated.
     """
-    from jaxtune.models.core import logical_axes, split
-
     rules = make_rules(rules, mesh)
     _, params, _ = split(model)
     return shardings_for(logical_axes(model), params, mesh, rules)
@@ -279,17 +276,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # Optimizer state and TrainState shardings
 
 
-def _key_name(k) -> Any:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return getattr(k, attr)
-    return str(k)
-
-
-def _path(keypath) -> tuple:
-    return tuple(_key_name(k) for k in keypath)
-
-
 def like_params(tree, params, param_sh, mesh: Mesh):
     """Shardings for any pytree whose leaves mirror params (optax states, EMA, anchors).
 
@@ -301,11 +287,11 @@ def like_params(tree, params, param_sh, mesh: Mesh):
     sh_leaves = jax.tree.leaves(param_sh, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     p_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     for (kp, leaf), sh in zip(p_leaves, sh_leaves):
-        by_path[_path(kp)] = (tuple(leaf.shape), sh)
+        by_path[key_path(kp)] = (tuple(leaf.shape), sh)
     repl = replicated(mesh)
 
     def pick(kp, leaf):
-        path, shape = _path(kp), tuple(getattr(leaf, "shape", ()))
+        path, shape = key_path(kp), tuple(getattr(leaf, "shape", ()))
         for i in range(len(path)):
             hit = by_path.get(path[i:])
             if hit is not None and hit[0] == shape:

@@ -157,7 +157,7 @@ def build_model(recipe, plan, *, num_labels=None, label_names=None, problem_type
         model = from_config({**hf_config, **_config_overrides(recipe, family)}, head,
                             shardings=plan.param_shardings, seed=recipe.train.seed, **kwargs)
         from jaxtune.models import split
-        from jaxtune.models.core import flatten
+        from jaxtune.models.trees import flatten
 
         return model, {"fresh": list(flatten(split(model)[1]))}
     ckpt_labels = len(hf_config.get("id2label") or {}) or hf_config.get("num_labels")
@@ -461,7 +461,7 @@ class Trainer:
         import jax
 
         from jaxtune.models import split
-        from jaxtune.models.core import path_str
+        from jaxtune.models.trees import path_str
 
         r, d = self.recipe, self.data
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(split(self.model)[1]))

@@ -22,33 +22,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxtune.models.trees import key_path
+
 PyTree = Any
-
-
-def key_of(keypath) -> tuple:
-    """A jax key path -> a tuple of plain keys, e.g. ('bert', 'encoder', 'layer', 3, 'kernel')."""
-    out = []
-    for k in keypath:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                out.append(getattr(k, attr))
-                break
-        else:
-            out.append(k)
-    return tuple(out)
 
 
 def path_table(tree: PyTree) -> dict[tuple, Any]:
     """{path tuple: leaf} of a pytree (leaves may be Python scalars, numpy or jax arrays)."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {key_of(kp): leaf for kp, leaf in leaves}
+    return {key_path(kp): leaf for kp, leaf in leaves}
 
 
 def like_by_path(table: dict[tuple, Any], tree: PyTree) -> PyTree:
     """A tree shaped like `tree` whose leaves are `table[path]`; MaskedNodes stay MaskedNodes."""
 
     def get(kp, _):
-        key = key_of(kp)
+        key = key_path(kp)
         if key not in table:
             raise KeyError(f"no per-parameter setting for {'/'.join(map(str, key))}")
         return table[key]

@@ -2,9 +2,7 @@
 trained offline on the data's own lines, a random GPT-2 sized to it (saved with transformers), and
 JSONL files of prompt/response pairs ("3 plus 4 is" -> " seven").
 
-Test files load this module by path (pytest runs with --import-mode=importlib):
-
-    spec = importlib.util.spec_from_file_location("_tiny_lm", Path(__file__).parent / "_tiny_lm.py")
+Test files import it as `import _tiny_lm` (tests/ is on pytest's pythonpath, see pyproject.toml).
 """
 
 from __future__ import annotations

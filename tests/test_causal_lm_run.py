@@ -6,10 +6,8 @@ as transformers' `generate` on the export."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,17 +15,8 @@ import yaml
 
 from jaxtune.runlog import read_metrics
 
-_here = Path(__file__).parent
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, _here / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tl, tr = _load("_tiny_lm"), _load("_tiny_run")
+import _tiny_lm as tl
+import _tiny_run as tr
 PROMPTS = ["3 plus 4 is", "what is 2 plus 5 ? it is", "9 plus 9 is"]
 
 

@@ -12,7 +12,7 @@ import pytest
 import jaxtune.models as M
 from jaxtune.config import OptimConfig, UnfreezeConfig, from_dict
 from jaxtune.errors import ConfigError
-from jaxtune.models.core import flatten, path_str
+from jaxtune.models import flatten, path_str
 from jaxtune.optim import make_optimizer, pretrained_tree
 
 TINY = {

@@ -3,7 +3,6 @@ say, FSDP memory, a real two-process run, mixed precision, remat and bad input."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -21,12 +20,10 @@ from jax.sharding import PartitionSpec as P
 from jaxtune import parallel
 from jaxtune.config import MeshConfig
 from jaxtune.errors import JaxtuneError
-from jaxtune.models.core import flatten, path_str
+from jaxtune.models import flatten, path_str
 
 HERE = Path(__file__).parent
-_spec = importlib.util.spec_from_file_location("_tiny_bert", HERE / "_tiny_bert.py")
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
+import _tiny_bert as tiny
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
 

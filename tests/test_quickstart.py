@@ -4,18 +4,14 @@ The full runs' results live in the recipes' headers and the README; this checks 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 
 from jaxtune.config import find_recipe, load_recipe
 
-_spec = importlib.util.spec_from_file_location("_tiny_run", Path(__file__).with_name("_tiny_run.py"))
-tr = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tr)
+import _tiny_run as tr
 
 
 @pytest.mark.parametrize("name", ["quickstart", "quickstart_l2sp"])

@@ -3,15 +3,10 @@ sub-token's), equal to transformers' (PyTorch) argmax on a tiny random BERT toke
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-_spec = importlib.util.spec_from_file_location("_tiny_run", Path(__file__).with_name("_tiny_run.py"))
-tr = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tr)
+import _tiny_run as tr
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "john", "live", "in", "paris", "the", "city", "big",
          "##s", "##ger"]

@@ -7,7 +7,6 @@ Runs share a JAX persistent compilation cache (a run then takes ~10 s instead of
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -24,9 +23,7 @@ import pytest
 
 from jaxtune.runlog import TIMING_KEYS, read_metrics
 
-_spec = importlib.util.spec_from_file_location("_tiny_run", Path(__file__).with_name("_tiny_run.py"))
-_tiny_run = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_tiny_run)
+import _tiny_run
 cli, make_assets, popen = _tiny_run.cli, _tiny_run.make_assets, _tiny_run.popen
 
 TOTAL = 24  # train.steps of the tiny recipe

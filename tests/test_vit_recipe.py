@@ -4,7 +4,6 @@ images and exports. Missing files FAIL the test (with how to install them), they
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -13,9 +12,7 @@ import pytest
 
 from jaxtune.config import find_recipe, load_recipe
 
-_spec = importlib.util.spec_from_file_location("_tiny_run", Path(__file__).with_name("_tiny_run.py"))
-tr = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tr)
+import _tiny_run as tr
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FILES = [f"{s}-{k}-ubyte.gz" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]

@@ -1,10 +1,20 @@
-"""The model zoo: a registry keyed by HF `model_type`, loading and export.
+"""The model zoo: a registry keyed by HF `model_type`, loading and export, and the tree utilities
+the rest of jaxtune uses on parameters.
 
 `from_pretrained(path_or_id, task=...)` and `save_pretrained(model, out_dir)` work for every family
 in `REGISTRY`; each family lives in its own folder (`modeling.py`, `params.py`).
+
+Modules: `config` (ConfigBase), `outputs` (ModelOutput), `layers` (shared layers and blocks),
+`kernels` (attention, dense, GELU per backend), `dropout` (dropout and PRNG keys), `family`
+(the family record and key tables), `trees` (paths, flat tables, split/merge), `pretrained`
+(registry, loading, export), `hf` (checkpoint files), `generate`, `verify`.
 """
 
-from jaxtune.models.core import ModelOutput, logical_axes, merge, plain_autodiff, split
+from jaxtune.models import kernels
+from jaxtune.models.config import DTYPES, ConfigBase
+from jaxtune.models.family import DEFAULT_RULES, Family, KeyRule, define, depth_tree, layered_depth
+from jaxtune.models.kernels import plain_autodiff
+from jaxtune.models.outputs import ModelOutput
 from jaxtune.models.pretrained import (
     REGISTRY,
     export_tensors,
@@ -12,22 +22,54 @@ from jaxtune.models.pretrained import (
     from_config,
     from_pretrained,
     get_family,
+    labels_differ,
+    load_weights,
+    make_config,
+    place,
     save_pretrained,
     supported_model_types,
 )
+from jaxtune.models.trees import (
+    abstract_model,
+    flatten,
+    key_path,
+    logical_axes,
+    merge,
+    path_str,
+    split,
+    unflatten,
+)
 
 __all__ = [
+    "DEFAULT_RULES",
+    "DTYPES",
     "REGISTRY",
+    "ConfigBase",
+    "Family",
+    "KeyRule",
     "ModelOutput",
+    "abstract_model",
+    "define",
+    "depth_tree",
     "export_tensors",
     "family_of",
+    "flatten",
     "from_config",
     "from_pretrained",
     "get_family",
+    "labels_differ",
+    "kernels",
+    "key_path",
+    "layered_depth",
+    "load_weights",
     "logical_axes",
+    "make_config",
     "merge",
+    "path_str",
+    "place",
     "plain_autodiff",
     "save_pretrained",
     "split",
     "supported_model_types",
+    "unflatten",
 ]

@@ -10,7 +10,11 @@ import json
 import os
 import shutil
 from pathlib import Path
+
 import numpy as np
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from jaxtune.errors import ModelLoadError
 from jaxtune.paths import resolve_path
@@ -57,8 +61,6 @@ def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
 
 def _from_hf_cache(repo_id: str) -> Path | None:
     try:
-        from huggingface_hub import snapshot_download
-
         folder = Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:  # not cached, malformed id, or hub library missing: not found either way
         return None
@@ -108,8 +110,6 @@ class CheckpointReader:
         return files
 
     def _index_safetensors(self, files: list[Path]) -> None:
-        from safetensors import safe_open
-
         for f in files:
             size = f.stat().st_size
             try:
@@ -176,8 +176,6 @@ class CheckpointReader:
 
 
 def write_safetensors(tensors: dict[str, np.ndarray], folder: Path, metadata: dict | None = None):
-    from safetensors.numpy import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (SAFETENSORS + ".tmp")
     save_file(

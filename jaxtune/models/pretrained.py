@@ -21,21 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxtune.errors import ModelLoadError
 from jaxtune.models import hf
-from jaxtune.models.core import (
-    LEGACY_RENAMES,
-    ConfigBase,
-    Family,
-    abstract_model,
-    flatten,
-    logical_axes,
-    merge,
-    path_str,
-    split,
-    unflatten,
-)
+from jaxtune.models.config import ConfigBase
+from jaxtune.models.family import LEGACY_RENAMES, Family
+from jaxtune.models.trees import abstract_model, flatten, logical_axes, merge, path_str, split, unflatten
 
 log = logging.getLogger("jaxtune")
 
@@ -105,6 +97,13 @@ def _resolve_task(family: Family, hf_config: dict, task: Optional[str]) -> str:
         if found:
             return found
     return "base"
+
+
+def labels_differ(hf_config: dict, num_labels: Optional[int]) -> bool:
+    """Whether a checkpoint's head was trained for another label count than `num_labels` (then
+    `from_pretrained(..., ignore_mismatched_sizes=True)` gives it a new, initialised head)."""
+    ckpt_labels = len(hf_config.get("id2label") or {}) or hf_config.get("num_labels")
+    return bool(num_labels and ckpt_labels and ckpt_labels != num_labels)
 
 
 def from_pretrained(
@@ -308,8 +307,6 @@ def from_config(
 def _to_host(array: jax.Array) -> np.ndarray:
     if getattr(array, "is_fully_addressable", True):
         return np.asarray(jax.device_get(array))
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
@@ -364,6 +361,7 @@ __all__ = [
     "from_config",
     "from_pretrained",
     "get_family",
+    "labels_differ",
     "logical_axes",
     "place",
     "save_pretrained",

@@ -9,9 +9,13 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import jax
 import numpy as np
+import transformers
 
 from jaxtune.errors import ModelLoadError
+from jaxtune.models import hf
+from jaxtune.models.pretrained import _resolve_task, from_pretrained, get_family
 
 # jaxtune task -> the transformers Auto class that loads the same head.
 HF_AUTO_CLASSES = {
@@ -70,12 +74,9 @@ def verify(model_dir: str | os.PathLike, task: Optional[str] = None, *, batch: i
            seed: int = 0) -> tuple[str, dict[str, float]]:
     """Load `model_dir` in both libraries, run one batch; returns (task, {output: max abs diff})."""
     try:
-        import torch
-        import transformers
+        import torch  # optional: only verify needs it
     except ImportError as e:
-        raise ModelLoadError(f"verify needs PyTorch and transformers to compare against ({e})")
-    from jaxtune.models import hf
-    from jaxtune.models.pretrained import _resolve_task, from_pretrained, get_family
+        raise ModelLoadError(f"verify needs PyTorch to compare against ({e})")
 
     folder = hf.resolve_model_dir(model_dir)
     family = get_family(hf.read_config(folder).get("model_type"))
@@ -96,8 +97,6 @@ def verify(model_dir: str | os.PathLike, task: Optional[str] = None, *, batch: i
             ref = theirs(**{k: torch.from_numpy(v) for k, v in inputs.items()}, output_hidden_states=True)
         except Exception as e:  # e.g. GPT-2 classification without pad_token_id
             raise ModelLoadError(f"{folder}: transformers cannot run it: {str(e).splitlines()[0]}")
-    import jax
-
     # Full fp32 matmuls: on GPUs/TPUs the default precision may use TF32/bf16 passes, which would
     # hide implementation errors below (or raise them above) the tolerance.
     with jax.default_matmul_precision("highest"):

@@ -3,9 +3,7 @@ their loss, which equals the token-weighted loss of the same examples unpacked (
 
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -18,9 +16,7 @@ from jaxtune.models import from_pretrained, split
 from jaxtune.tasks import evaluate, get_task, make_eval_fn, model_inputs
 from jaxtune.tasks.causal_lm import pack_examples
 
-_spec = importlib.util.spec_from_file_location("_tiny_lm", Path(__file__).parents[1] / "_tiny_lm.py")
-tl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tl)
+import _tiny_lm as tl
 
 LENGTH = 32
 

@@ -3,7 +3,6 @@ both sides run and the JSON holds consistent figures."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import statistics
@@ -15,14 +14,11 @@ import pytest
 
 import jaxtune.train
 
-BENCH = Path(__file__).resolve().parents[2] / "tools" / "bench.py"
+import bench as bench_tool  # tools/bench.py (tools/ is on pytest's pythonpath)
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("jaxtune_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_tool
 
 
 def test_bench_json_figures_are_consistent(tiny, tmp_path, capsys):

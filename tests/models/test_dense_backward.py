@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxtune.models import export_tensors, from_pretrained, merge, plain_autodiff, split
-from jaxtune.models.core import dense_dot_general
+from jaxtune.models.kernels.cpu import dense_dot_general
 
 
 def _loss_and_grads(model, batch, labels):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxtune.models.core import _uniform_u16, dropout
+from jaxtune.models.dropout import _uniform_u16, dropout
 
 
 @pytest.mark.parametrize("shape", [(64, 128, 384), (3, 5, 7), (1,), (), (2, 3)])

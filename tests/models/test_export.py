@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxtune.models import from_config, from_pretrained, save_pretrained, split
-from jaxtune.models.core import flatten
+from jaxtune.models import flatten
 
 ARCHS = ("bert", "roberta", "xlm-roberta", "distilbert")
 HF_CLASS_PREFIX = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "distilbert": "DistilBert"}

@@ -8,9 +8,7 @@ really shrink: the last layer's feed-forward runs on one row per example.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +17,7 @@ import pytest
 
 from jaxtune.models import from_pretrained, merge, split
 
-_spec = importlib.util.spec_from_file_location("_tiny_gpt2_vit", Path(__file__).with_name("_tiny_gpt2_vit.py"))
-tg = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tg)
+import _tiny_gpt2_vit as tg
 
 HEADS = [("bert", "sequence-classification"), ("roberta", "sequence-classification"),
          ("xlm-roberta", "sequence-classification"), ("distilbert", "sequence-classification"),

@@ -3,20 +3,16 @@ export round trips both ways, the key table, logical axes, depth, `jaxtune verif
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from jaxtune.errors import JaxtuneError
 from jaxtune.models import from_config, from_pretrained, get_family, logical_axes, save_pretrained, split
-from jaxtune.models.core import depth_tree, flatten
+from jaxtune.models import depth_tree, flatten
 
-_spec = importlib.util.spec_from_file_location("_tiny_gpt2_vit", Path(__file__).with_name("_tiny_gpt2_vit.py"))
-tg = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tg)
+import _tiny_gpt2_vit as tg
 
 ATOL = 1e-4
 

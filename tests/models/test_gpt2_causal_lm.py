@@ -4,9 +4,7 @@ weights, perplexity over a whole split."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -18,9 +16,7 @@ from jaxtune.tasks import evaluate, get_task, make_eval_fn, make_loss_fn, task_o
 from jaxtune.tasks.causal_lm import CausalLM, pack_examples
 from jaxtune.train import make_eval_step
 
-_spec = importlib.util.spec_from_file_location("_tiny_gpt2_vit", Path(__file__).with_name("_tiny_gpt2_vit.py"))
-tg = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tg)
+import _tiny_gpt2_vit as tg
 
 LENGTHS = (5, 3, 7, 2, 6, 4)  # packed into rows of 16: [5+3+7], [2+6+4]
 

@@ -4,9 +4,6 @@ are bounded, bad arguments are one-line errors."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
@@ -15,9 +12,7 @@ from jaxtune.errors import JaxtuneError
 from jaxtune.models import from_pretrained
 from jaxtune.models import generate as gen
 
-_spec = importlib.util.spec_from_file_location("_tiny_gpt2_vit", Path(__file__).with_name("_tiny_gpt2_vit.py"))
-tg = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tg)
+import _tiny_gpt2_vit as tg
 
 NEW = 20
 # Larger weights than the parity tests' (scale 0.3): greedy output varies instead of repeating.

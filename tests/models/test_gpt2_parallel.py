@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxtune import parallel
 from jaxtune.config import MeshConfig
-from jaxtune.models.core import flatten, path_str
+from jaxtune.models import flatten, path_str
 
 _spec = importlib.util.spec_from_file_location("_tiny_gpt2_vit", Path(__file__).with_name("_tiny_gpt2_vit.py"))
 tg = importlib.util.module_from_spec(_spec)

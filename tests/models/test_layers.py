@@ -6,7 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from jaxtune.models.core import ACTIVATIONS, attention_bias, dot_product_attention, dropout
+from jaxtune.models.dropout import dropout
+from jaxtune.models.kernels import dot_product_attention
+from jaxtune.models.activations import ACTIVATIONS
+from jaxtune.models.layers import attention_bias
 
 
 def test_exact_gelu_matches_torch_values_and_gradient():

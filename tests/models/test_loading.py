@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxtune.models import from_pretrained, get_family, logical_axes, merge, split
-from jaxtune.models.core import abstract_model, depth_tree, flatten
+from jaxtune.models import abstract_model, depth_tree, flatten
 
 ARCHS = ("bert", "roberta", "xlm-roberta", "distilbert")
 TASKS = ("base", "sequence-classification", "token-classification", "masked-lm")

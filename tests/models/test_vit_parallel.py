@@ -3,9 +3,7 @@ losses and parameters as one device, every parameter and Adam moment sharded as 
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,11 +11,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxtune import parallel
 from jaxtune.config import MeshConfig
-from jaxtune.models.core import flatten, path_str
+from jaxtune.models import flatten, path_str
 
-_spec = importlib.util.spec_from_file_location("_tiny_gpt2_vit", Path(__file__).with_name("_tiny_gpt2_vit.py"))
-tg = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tg)
+import _tiny_gpt2_vit as tg
 
 # embed -> fsdp; heads, mlp -> tensor; position, classes and unnamed dims replicated.
 EXPECTED = [

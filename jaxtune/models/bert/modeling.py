@@ -13,39 +13,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.errors import ModelLoadError
-from jaxtune.models.core import (
-    ConfigBase,
-    Dropout,
-    KeySplitter,
-    ModelOutput,
-    activation,
-    as_key,
-    attention_bias,
-    dot_product_attention,
-    embed,
-    head_keys,
-    layer_norm,
-    linear,
-    run_layers,
-)
+from jaxtune.models.activations import activation
+from jaxtune.models.config import EncoderConfig
+from jaxtune.models.dropout import Dropout, KeySplitter, as_key
+from jaxtune.models.heads import TaskModel, TokenClassifier, tied_decoder_bias
+from jaxtune.models.layers import LayerStack, SelfAttention, attention_bias, embed, layer_norm, linear
+from jaxtune.models.outputs import ModelOutput
 
 
 @dataclass(frozen=True)
-class BertConfig(ConfigBase):
+class BertConfig(EncoderConfig):
     model_type = "bert"
 
     vocab_size: int = 30522
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
     pad_token_id: int = 0
     position_embedding_type: str = "absolute"
     classifier_dropout: Optional[float] = None
@@ -60,16 +42,7 @@ class BertConfig(ConfigBase):
                 f"position_embedding_type '{self.position_embedding_type}' is not supported "
                 "(only 'absolute')"
             )
-        if self.hidden_size % self.num_attention_heads:
-            raise ModelLoadError(
-                f"hidden_size {self.hidden_size} is not a multiple of "
-                f"num_attention_heads {self.num_attention_heads}"
-            )
-        activation(self.hidden_act)  # fail early on an unknown activation
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        super().__post_init__()
 
 
 class BertEmbeddings(nnx.Module):
@@ -101,30 +74,6 @@ class BertEmbeddings(nnx.Module):
         return self.dropout(self.LayerNorm(x_BTD), deterministic=deterministic, rng=rng)
 
 
-class BertSelfAttention(nnx.Module):
-    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
-        D, std = cfg.hidden_size, cfg.initializer_range
-        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-        self.query = linear(cfg, D, D, ("embed", "heads"), rngs=rngs, std=std)
-        self.key = linear(cfg, D, D, ("embed", "heads"), rngs=rngs, std=std)
-        self.value = linear(cfg, D, D, ("embed", "heads"), rngs=rngs, std=std)
-        self.dropout_rate = cfg.attention_probs_dropout_prob
-
-    def __call__(self, x_BTD, bias, *, deterministic, rng, first_token_only=False):
-        """`first_token_only`: queries (and the output) for the first token only; keys all."""
-        B, T, _ = x_BTD.shape
-        shape = (B, T, self.num_heads, self.head_dim)
-        x_BQD = x_BTD[:, :1] if first_token_only else x_BTD
-        q_BQNH = self.query(x_BQD).reshape(B, x_BQD.shape[1], self.num_heads, self.head_dim)
-        k_BTNH = self.key(x_BTD).reshape(shape)
-        v_BTNH = self.value(x_BTD).reshape(shape)
-        out_BQNH = dot_product_attention(
-            q_BQNH, k_BTNH, v_BTNH, bias,
-            dropout_rate=self.dropout_rate, deterministic=deterministic, rng=rng, query_rows=T,
-        )
-        return out_BQNH.reshape(B, x_BQD.shape[1], -1)
-
-
 class BertSelfOutput(nnx.Module):
     def __init__(self, cfg: BertConfig, din: int, in_axis: str, *, rngs: nnx.Rngs):
         self.dense = linear(cfg, din, cfg.hidden_size, (in_axis, "embed"), rngs=rngs, std=cfg.initializer_range)
@@ -139,7 +88,7 @@ class BertSelfOutput(nnx.Module):
 class BertAttention(nnx.Module):
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
         # HF names: attention.self / attention.output ('self' is fine as an attribute name here).
-        setattr(self, "self", BertSelfAttention(cfg, rngs=rngs))
+        setattr(self, "self", SelfAttention(cfg, rngs=rngs))
         self.output = BertSelfOutput(cfg, cfg.hidden_size, "heads", rngs=rngs)
 
     def __call__(self, x_BTD, bias, *, deterministic, keys, first_token_only=False):
@@ -175,17 +124,6 @@ class BertLayer(nnx.Module):
                            within=x_BTD.shape)
 
 
-class BertEncoder(nnx.Module):
-    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
-        self.layer = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
-        self.remat = cfg.remat
-
-    def __call__(self, x_BTD, bias, *, deterministic, keys, output_hidden_states=False,
-                 first_token_only=False):
-        return run_layers(self.layer, self.remat, x_BTD, bias, keys=keys, deterministic=deterministic,
-                          output_hidden_states=output_hidden_states, first_token_only=first_token_only)
-
-
 class BertPooler(nnx.Module):
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
         self.dense = linear(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs=rngs,
@@ -209,7 +147,7 @@ class BertModel(nnx.Module):
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs, add_pooling_layer: bool = True):
         self.config = cfg
         self.embeddings = self.embeddings_cls(cfg, rngs=rngs)
-        self.encoder = BertEncoder(cfg, rngs=rngs)
+        self.encoder = LayerStack(cfg, BertLayer, rngs=rngs)
         self.pooler = BertPooler(cfg, rngs=rngs) if add_pooling_layer else None
 
     def __call__(
@@ -244,7 +182,7 @@ def _classifier_dropout(cfg: BertConfig) -> float:
     return cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
 
 
-class BertTaskModel(nnx.Module):
+class BertTaskModel(TaskModel):
     """What every task head shares: the base model under HF's `base_model_prefix` attribute.
 
     Other families reuse the heads by changing `base_prefix` / `base_cls` (RoBERTa: 'roberta').
@@ -254,24 +192,12 @@ class BertTaskModel(nnx.Module):
     base_cls = BertModel
     add_pooling_layer = False
 
-    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
-        self.config = cfg
-        setattr(self, self.base_prefix, self.base_cls(cfg, rngs=rngs, add_pooling_layer=self.add_pooling_layer))
-
-    def encode(self, input_ids, attention_mask, token_type_ids, position_ids, *, deterministic, rngs,
-               output_hidden_states, first_token_only=False) -> tuple[ModelOutput, KeySplitter]:
-        """Run the base model; returns its output and the dropout keys left for the head."""
-        key = None if deterministic else as_key(rngs)
-        out = getattr(self, self.base_prefix)(
-            input_ids, attention_mask, token_type_ids, position_ids,
-            deterministic=deterministic, rngs=key, output_hidden_states=output_hidden_states,
-            first_token_only=first_token_only,
-        )
-        return out, head_keys(key)
+    def base_kwargs(self) -> dict:
+        return {"add_pooling_layer": self.add_pooling_layer}
 
     @property
     def word_embeddings(self) -> nnx.Embed:
-        return getattr(self, self.base_prefix).embeddings.word_embeddings
+        return self.base.embeddings.word_embeddings
 
 
 class BertForSequenceClassification(BertTaskModel):
@@ -283,6 +209,7 @@ class BertForSequenceClassification(BertTaskModel):
 
     hf_architecture = "BertForSequenceClassification"
     add_pooling_layer = True
+    first_token_only = True
 
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
@@ -290,30 +217,15 @@ class BertForSequenceClassification(BertTaskModel):
         self.classifier = linear(cfg, cfg.hidden_size, cfg.num_labels, ("embed", "classes"), rngs=rngs,
                                  std=cfg.initializer_range)
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
-        out, keys = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
-                                deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states,
-                                first_token_only=True)
-        h = self.dropout(out.pooler_output, deterministic=deterministic, rng=keys())
-        return out.replace(logits=self.classifier(h).astype(jnp.float32), last_hidden_state=None)
+    def head(self, out, *, deterministic, keys):
+        return self.classifier(self.dropout(out.pooler_output, deterministic=deterministic, rng=keys()))
 
 
-class BertForTokenClassification(BertTaskModel):
+class BertForTokenClassification(BertTaskModel, TokenClassifier):
     hf_architecture = "BertForTokenClassification"
 
-    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
-        super().__init__(cfg, rngs=rngs)
-        self.dropout = Dropout(_classifier_dropout(cfg))
-        self.classifier = linear(cfg, cfg.hidden_size, cfg.num_labels, ("embed", "classes"), rngs=rngs,
-                                 std=cfg.initializer_range)
-
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
-        out, keys = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
-                                deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states)
-        h = self.dropout(out.last_hidden_state, deterministic=deterministic, rng=keys())
-        return out.replace(logits=self.classifier(h).astype(jnp.float32))
+    def classifier_dropout(self, cfg: BertConfig) -> float:
+        return _classifier_dropout(cfg)
 
 
 class BertPredictionHeadTransform(nnx.Module):
@@ -325,15 +237,6 @@ class BertPredictionHeadTransform(nnx.Module):
 
     def __call__(self, x_BTD):
         return self.LayerNorm(self.act(self.dense(x_BTD)))
-
-
-def tied_decoder_bias(cfg: ConfigBase, vocab_size: int) -> nnx.Param:
-    """The bias of an MLM decoder whose weight is the (tied) word-embedding matrix."""
-    if not getattr(cfg, "tie_word_embeddings", True):
-        raise ModelLoadError(
-            f"{cfg.model_type}: tie_word_embeddings=false (an untied MLM decoder) is not supported"
-        )
-    return nnx.Param(jnp.zeros((vocab_size,), cfg.param_dtype), logical_axes=("vocab",))
 
 
 class BertLMPredictionHead(nnx.Module):
@@ -362,9 +265,10 @@ class BertForMaskedLM(BertTaskModel):
         super().__init__(cfg, rngs=rngs)
         self.cls = BertOnlyMLMHead(cfg, rngs=rngs)
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
-        out, _ = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
-                             deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states)
-        logits = self.cls(out.last_hidden_state, self.word_embeddings)
-        return out.replace(logits=logits.astype(jnp.float32))
+    def head(self, out, *, deterministic, keys):
+        return self.cls(out.last_hidden_state, self.word_embeddings)
+
+
+# task -> head class: the family record's table (jaxtune.models.bert.FAMILY)
+HEADS = {"base": BertModel, "sequence-classification": BertForSequenceClassification,
+         "token-classification": BertForTokenClassification, "masked-lm": BertForMaskedLM}

@@ -15,23 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtune.errors import ModelLoadError
-from jaxtune.models.bert.modeling import tied_decoder_bias
-from jaxtune.models.core import (
-    ConfigBase,
-    Dropout,
-    KeySplitter,
-    ModelOutput,
-    activation,
-    as_key,
-    attention_bias,
-    dot_product_attention,
-    embed,
-    head_keys,
-    layer_norm,
-    linear,
-    run_layers,
-)
+from jaxtune.models.activations import activation
+from jaxtune.models.config import ConfigBase
+from jaxtune.models.dropout import Dropout, KeySplitter, as_key
+from jaxtune.models.heads import TaskModel, TiedDecoder, TokenClassifier
+from jaxtune.models.layers import LayerStack, attention_bias, embed, layer_norm, linear, self_attention
+from jaxtune.models.outputs import ModelOutput
 
 LN_EPS = 1e-12  # hard-coded in transformers' DistilBERT
 
@@ -56,27 +45,8 @@ class DistilBertConfig(ConfigBase):
     pad_token_id: int = 0
     tie_word_embeddings: bool = True
 
-    def __post_init__(self):
-        if self.dim % self.n_heads:
-            raise ModelLoadError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
-        activation(self.activation)  # fail early on an unknown activation
-
-    # BERT-style names, as transformers' attribute_map offers them.
-    @property
-    def hidden_size(self) -> int:
-        return self.dim
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.n_layers
-
-    @property
-    def num_attention_heads(self) -> int:
-        return self.n_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    attribute_map = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads"}
+    activation_fields = ("activation",)
 
 
 def sinusoidal_table(n_pos: int, dim: int) -> np.ndarray:
@@ -113,7 +83,7 @@ class Embeddings(nnx.Module):
 class DistilBertSelfAttention(nnx.Module):
     def __init__(self, cfg: DistilBertConfig, *, rngs: nnx.Rngs):
         D, std = cfg.dim, cfg.initializer_range
-        self.num_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.num_heads = cfg.n_heads
         self.q_lin = linear(cfg, D, D, ("embed", "heads"), rngs=rngs, std=std)
         self.k_lin = linear(cfg, D, D, ("embed", "heads"), rngs=rngs, std=std)
         self.v_lin = linear(cfg, D, D, ("embed", "heads"), rngs=rngs, std=std)
@@ -122,17 +92,9 @@ class DistilBertSelfAttention(nnx.Module):
 
     def __call__(self, x_BTD, bias, *, deterministic, rng, first_token_only=False):
         """`first_token_only`: queries (and the output) for the first token only; keys all."""
-        B, T, _ = x_BTD.shape
-        x_BQD = x_BTD[:, :1] if first_token_only else x_BTD
-        Q = x_BQD.shape[1]
-        out_BQNH = dot_product_attention(
-            self.q_lin(x_BQD).reshape(B, Q, self.num_heads, self.head_dim),
-            self.k_lin(x_BTD).reshape(B, T, self.num_heads, self.head_dim),
-            self.v_lin(x_BTD).reshape(B, T, self.num_heads, self.head_dim),
-            bias,
-            dropout_rate=self.dropout_rate, deterministic=deterministic, rng=rng, query_rows=T,
-        )
-        return self.out_lin(out_BQNH.reshape(B, Q, -1))
+        return self.out_lin(self_attention(
+            self.q_lin, self.k_lin, self.v_lin, x_BTD, bias, self.num_heads, dropout_rate=self.dropout_rate,
+            deterministic=deterministic, rng=rng, first_token_only=first_token_only))
 
 
 class FFN(nnx.Module):
@@ -164,17 +126,6 @@ class TransformerBlock(nnx.Module):
         return self.output_layer_norm(h + h_BTD)
 
 
-class Transformer(nnx.Module):
-    def __init__(self, cfg: DistilBertConfig, *, rngs: nnx.Rngs):
-        self.layer = nnx.List([TransformerBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
-        self.remat = cfg.remat
-
-    def __call__(self, x_BTD, bias, *, deterministic, keys, output_hidden_states=False,
-                 first_token_only=False):
-        return run_layers(self.layer, self.remat, x_BTD, bias, keys=keys, deterministic=deterministic,
-                          output_hidden_states=output_hidden_states, first_token_only=first_token_only)
-
-
 class DistilBertModel(nnx.Module):
     """The bare encoder: `last_hidden_state` (no pooler).
 
@@ -190,7 +141,7 @@ class DistilBertModel(nnx.Module):
     def __init__(self, cfg: DistilBertConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embeddings = Embeddings(cfg, rngs=rngs)
-        self.transformer = Transformer(cfg, rngs=rngs)
+        self.transformer = LayerStack(cfg, TransformerBlock, rngs=rngs)
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
                  deterministic: bool = True, rngs=None, output_hidden_states: bool = False,
@@ -208,20 +159,11 @@ class DistilBertModel(nnx.Module):
         return ModelOutput(last_hidden_state=x_BTD, hidden_states=hidden)
 
 
-class DistilBertTaskModel(nnx.Module):
+class DistilBertTaskModel(TaskModel):
     """The base model under `distilbert`, as in transformers."""
 
-    def __init__(self, cfg: DistilBertConfig, *, rngs: nnx.Rngs):
-        self.config = cfg
-        self.distilbert = DistilBertModel(cfg, rngs=rngs)
-
-    def encode(self, input_ids, attention_mask, position_ids, *, deterministic, rngs, output_hidden_states,
-               first_token_only=False):
-        key = None if deterministic else as_key(rngs)
-        out = self.distilbert(input_ids, attention_mask, None, position_ids, deterministic=deterministic,
-                              rngs=key, output_hidden_states=output_hidden_states,
-                              first_token_only=first_token_only)
-        return out, head_keys(key)
+    base_prefix = "distilbert"
+    base_cls = DistilBertModel
 
 
 class DistilBertForSequenceClassification(DistilBertTaskModel):
@@ -232,6 +174,7 @@ class DistilBertForSequenceClassification(DistilBertTaskModel):
     """
 
     hf_architecture = "DistilBertForSequenceClassification"
+    first_token_only = True
 
     def __init__(self, cfg: DistilBertConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
@@ -240,40 +183,16 @@ class DistilBertForSequenceClassification(DistilBertTaskModel):
         self.classifier = linear(cfg, cfg.dim, cfg.num_labels, (None, "classes"), rngs=rngs, std=std)
         self.dropout = Dropout(cfg.seq_classif_dropout)
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
-        out, keys = self.encode(input_ids, attention_mask, position_ids, deterministic=deterministic,
-                                rngs=rngs, output_hidden_states=output_hidden_states, first_token_only=True)
+    def head(self, out, *, deterministic, keys):
         h_BD = jax.nn.relu(self.pre_classifier(out.last_hidden_state[:, 0]))
-        h_BD = self.dropout(h_BD, deterministic=deterministic, rng=keys())
-        return out.replace(logits=self.classifier(h_BD).astype(jnp.float32), last_hidden_state=None)
+        return self.classifier(self.dropout(h_BD, deterministic=deterministic, rng=keys()))
 
 
-class DistilBertForTokenClassification(DistilBertTaskModel):
+class DistilBertForTokenClassification(DistilBertTaskModel, TokenClassifier):
     hf_architecture = "DistilBertForTokenClassification"
 
-    def __init__(self, cfg: DistilBertConfig, *, rngs: nnx.Rngs):
-        super().__init__(cfg, rngs=rngs)
-        self.dropout = Dropout(cfg.dropout)
-        self.classifier = linear(cfg, cfg.dim, cfg.num_labels, ("embed", "classes"), rngs=rngs,
-                                 std=cfg.initializer_range)
-
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
-        out, keys = self.encode(input_ids, attention_mask, position_ids, deterministic=deterministic,
-                                rngs=rngs, output_hidden_states=output_hidden_states)
-        h_BTD = self.dropout(out.last_hidden_state, deterministic=deterministic, rng=keys())
-        return out.replace(logits=self.classifier(h_BTD).astype(jnp.float32))
-
-
-class TiedProjector(nnx.Module):
-    """`vocab_projector`: its weight is the word-embedding matrix, only the bias is its own."""
-
-    def __init__(self, cfg: DistilBertConfig):
-        self.bias = tied_decoder_bias(cfg, cfg.vocab_size)
-
-    def __call__(self, x_BTD, word_embeddings: nnx.Embed):
-        return word_embeddings.attend(x_BTD) + self.bias[...]
+    def classifier_dropout(self, cfg: DistilBertConfig) -> float:
+        return cfg.dropout
 
 
 class DistilBertForMaskedLM(DistilBertTaskModel):
@@ -286,12 +205,13 @@ class DistilBertForMaskedLM(DistilBertTaskModel):
         self.vocab_transform = linear(cfg, cfg.dim, cfg.dim, ("embed", None), rngs=rngs, std=cfg.initializer_range)
         self.act = activation(cfg.activation)
         self.vocab_layer_norm = layer_norm(cfg, cfg.dim, LN_EPS, rngs=rngs)
-        self.vocab_projector = TiedProjector(cfg)
+        self.vocab_projector = TiedDecoder(cfg)
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
-        out, _ = self.encode(input_ids, attention_mask, position_ids, deterministic=deterministic,
-                             rngs=rngs, output_hidden_states=output_hidden_states)
+    def head(self, out, *, deterministic, keys):
         h_BTD = self.vocab_layer_norm(self.act(self.vocab_transform(out.last_hidden_state)))
-        logits = self.vocab_projector(h_BTD, self.distilbert.embeddings.word_embeddings)
-        return out.replace(logits=logits.astype(jnp.float32))
+        return self.vocab_projector(h_BTD, self.distilbert.embeddings.word_embeddings)
+
+
+# task -> head class: the family record's table (jaxtune.models.distilbert.FAMILY)
+HEADS = {"base": DistilBertModel, "sequence-classification": DistilBertForSequenceClassification,
+         "token-classification": DistilBertForTokenClassification, "masked-lm": DistilBertForMaskedLM}

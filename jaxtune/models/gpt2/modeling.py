@@ -29,21 +29,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.errors import JaxtuneError, ModelLoadError
-from jaxtune.models.core import (
-    ConfigBase,
-    Dropout,
-    KeySplitter,
-    ModelOutput,
-    activation,
-    as_key,
-    call_layer,
-    dot_product_attention,
-    embed,
-    head_keys,
-    layer_norm,
-    linear,
-    normal,
-)
+from jaxtune.models.activations import activation
+from jaxtune.models.config import ConfigBase
+from jaxtune.models.dropout import Dropout, KeySplitter, as_key
+from jaxtune.models.heads import run_base
+from jaxtune.models.kernels import dot_product_attention
+from jaxtune.models.layers import call_layer, embed, layer_norm, linear, normal
+from jaxtune.models.outputs import ModelOutput
 
 
 @dataclass(frozen=True)
@@ -73,33 +65,14 @@ class GPT2Config(ConfigBase):
     pad_token_id: Optional[int] = None
     tie_word_embeddings: bool = True
 
+    attribute_map = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+                     "max_position_embeddings": "n_positions"}
+    activation_fields = ("activation_function",)
+
     def __post_init__(self):
         if self.add_cross_attention:
             raise ModelLoadError("gpt2: add_cross_attention=true (an encoder-decoder GPT-2) is not supported")
-        if self.n_embd % self.n_head:
-            raise ModelLoadError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
-        activation(self.activation_function)  # fail early on an unknown activation
-
-    # transformers' attribute_map names, so generic code can read them.
-    @property
-    def hidden_size(self) -> int:
-        return self.n_embd
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.n_layer
-
-    @property
-    def num_attention_heads(self) -> int:
-        return self.n_head
-
-    @property
-    def max_position_embeddings(self) -> int:
-        return self.n_positions
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        super().__post_init__()
 
     @property
     def inner_dim(self) -> int:
@@ -342,10 +315,9 @@ class GPT2TaskModel(nnx.Module):
 
     def encode(self, input_ids, attention_mask, token_type_ids, position_ids, segment_ids, *, cache=None,
                deterministic, rngs, output_hidden_states) -> tuple[ModelOutput, KeySplitter]:
-        key = None if deterministic else as_key(rngs)
-        out = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, segment_ids, cache=cache,
-                               deterministic=deterministic, rngs=key, output_hidden_states=output_hidden_states)
-        return out, head_keys(key)
+        return run_base(self.transformer, input_ids, attention_mask, token_type_ids, position_ids, segment_ids,
+                        cache=cache, deterministic=deterministic, rngs=rngs,
+                        output_hidden_states=output_hidden_states)
 
 
 class GPT2LMHeadModel(GPT2TaskModel):
@@ -408,3 +380,7 @@ class GPT2ForSequenceClassification(GPT2TaskModel):
         last_B = last_token_index(input_ids, self.config.pad_token_id)
         h_BD = jnp.take_along_axis(out.last_hidden_state, last_B[:, None, None], axis=1)[:, 0]
         return out.replace(logits=self.score(h_BD).astype(jnp.float32))
+
+
+# task -> head class: the family record's table (jaxtune.models.gpt2.FAMILY)
+HEADS = {"base": GPT2Model, "causal-lm": GPT2LMHeadModel, "sequence-classification": GPT2ForSequenceClassification}

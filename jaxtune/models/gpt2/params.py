@@ -7,7 +7,7 @@ kernels, so unlike nn.Linear they are NOT transposed. `c_attn` is (D, 3D) in HF 
 
 import numpy as np
 
-from jaxtune.models.core import KeyRule
+from jaxtune.models.family import KeyRule
 
 
 def _qkv_kernel_from_hf(a: np.ndarray) -> np.ndarray:  # (D, 3D) -> (D, 3, D)

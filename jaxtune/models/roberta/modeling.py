@@ -22,9 +22,11 @@ from jaxtune.models.bert.modeling import (
     BertModel,
     BertTaskModel,
     _classifier_dropout,
-    tied_decoder_bias,
 )
-from jaxtune.models.core import ACTIVATIONS, Dropout, layer_norm, linear
+from jaxtune.models.activations import ACTIVATIONS
+from jaxtune.models.dropout import Dropout
+from jaxtune.models.heads import tied_decoder_bias
+from jaxtune.models.layers import layer_norm, linear
 
 
 @dataclass(frozen=True)
@@ -84,18 +86,14 @@ class RobertaClassificationHead(nnx.Module):
 
 class RobertaForSequenceClassification(RobertaTaskModel):
     hf_architecture = "RobertaForSequenceClassification"
+    first_token_only = True
 
     def __init__(self, cfg: RobertaConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         self.classifier = RobertaClassificationHead(cfg, rngs=rngs)
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
-        out, keys = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
-                                deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states,
-                                first_token_only=True)
-        logits = self.classifier(out.last_hidden_state, deterministic=deterministic, keys=keys)
-        return out.replace(logits=logits.astype(jnp.float32), last_hidden_state=None)
+    def head(self, out, *, deterministic, keys):
+        return self.classifier(out.last_hidden_state, deterministic=deterministic, keys=keys)
 
 
 class RobertaForTokenClassification(RobertaTaskModel, BertForTokenClassification):
@@ -123,12 +121,8 @@ class RobertaForMaskedLM(RobertaTaskModel):
         super().__init__(cfg, rngs=rngs)
         self.lm_head = RobertaLMHead(cfg, rngs=rngs)
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
-                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
-        out, _ = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
-                             deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states)
-        logits = self.lm_head(out.last_hidden_state, self.word_embeddings)
-        return out.replace(logits=logits.astype(jnp.float32))
+    def head(self, out, *, deterministic, keys):
+        return self.lm_head(out.last_hidden_state, self.word_embeddings)
 
 
 # XLM-RoBERTa: the same modules; only the class names written to config.json differ.
@@ -146,3 +140,10 @@ class XLMRobertaForTokenClassification(RobertaForTokenClassification):
 
 class XLMRobertaForMaskedLM(RobertaForMaskedLM):
     hf_architecture = "XLMRobertaForMaskedLM"
+
+
+# task -> head class: the family records' tables (jaxtune.models.roberta.FAMILIES)
+HEADS = {"base": RobertaModel, "sequence-classification": RobertaForSequenceClassification,
+         "token-classification": RobertaForTokenClassification, "masked-lm": RobertaForMaskedLM}
+XLM_HEADS = {"base": XLMRobertaModel, "sequence-classification": XLMRobertaForSequenceClassification,
+             "token-classification": XLMRobertaForTokenClassification, "masked-lm": XLMRobertaForMaskedLM}

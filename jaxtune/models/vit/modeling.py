@@ -20,19 +20,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.errors import JaxtuneError, ModelLoadError
-from jaxtune.models.core import (
-    ConfigBase,
-    Dropout,
-    KeySplitter,
-    ModelOutput,
-    activation,
-    as_key,
-    dot_product_attention,
-    layer_norm,
-    linear,
-    normal,
-    run_layers,
-)
+from jaxtune.models.activations import activation
+from jaxtune.models.config import EncoderConfig
+from jaxtune.models.dropout import Dropout, KeySplitter, as_key
+from jaxtune.models.heads import run_base
+from jaxtune.models.layers import LayerStack, SelfAttention, layer_norm, linear, normal
+from jaxtune.models.outputs import ModelOutput
 
 
 def _pair(x) -> tuple[int, int]:
@@ -40,20 +33,13 @@ def _pair(x) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class ViTConfig(ConfigBase):
+class ViTConfig(EncoderConfig):
     """transformers' ViTConfig fields and defaults (`encoder_stride` and others stay in extra)."""
 
     model_type = "vit"
 
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
     hidden_dropout_prob: float = 0.0
     attention_probs_dropout_prob: float = 0.0
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-12
     image_size: Any = 224  # int or (height, width)
     patch_size: Any = 16  # int or (height, width)
     num_channels: int = 3
@@ -61,17 +47,13 @@ class ViTConfig(ConfigBase):
     pooler_output_size: Optional[int] = None  # None: hidden_size
     pooler_act: str = "tanh"
 
+    activation_fields = ("hidden_act", "pooler_act")
+
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise ModelLoadError(
-                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
-                f"{self.num_attention_heads}"
-            )
+        super().__post_init__()
         (ih, iw), (ph, pw) = self.image_hw, self.patch_hw
         if ih < ph or iw < pw:
             raise ModelLoadError(f"vit: image_size {self.image_size} is smaller than patch_size {self.patch_size}")
-        activation(self.hidden_act)
-        activation(self.pooler_act)
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -89,10 +71,6 @@ class ViTConfig(ConfigBase):
     @property
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
 
 class PatchProjection(nnx.Module):
@@ -154,29 +132,6 @@ class ViTEmbeddings(nnx.Module):
         return self.dropout(x_BPD, deterministic=deterministic, rng=rng)
 
 
-class ViTSelfAttention(nnx.Module):
-    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-        D, std = cfg.hidden_size, cfg.initializer_range
-        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-        self.query = linear(cfg, D, D, ("embed", "heads"), rngs=rngs, std=std, use_bias=cfg.qkv_bias)
-        self.key = linear(cfg, D, D, ("embed", "heads"), rngs=rngs, std=std, use_bias=cfg.qkv_bias)
-        self.value = linear(cfg, D, D, ("embed", "heads"), rngs=rngs, std=std, use_bias=cfg.qkv_bias)
-        self.dropout_rate = cfg.attention_probs_dropout_prob
-
-    def __call__(self, x_BPD, *, deterministic, rng, first_token_only=False):
-        """`first_token_only`: queries (and the output) for the CLS token only; keys all."""
-        B, P, _ = x_BPD.shape
-        shape = (B, P, self.num_heads, self.head_dim)
-        x_BQD = x_BPD[:, :1] if first_token_only else x_BPD
-        Q = x_BQD.shape[1]
-        out = dot_product_attention(
-            self.query(x_BQD).reshape(B, Q, self.num_heads, self.head_dim),
-            self.key(x_BPD).reshape(shape), self.value(x_BPD).reshape(shape),
-            None, dropout_rate=self.dropout_rate, deterministic=deterministic, rng=rng, query_rows=P,
-        )
-        return out.reshape(B, Q, -1)
-
-
 class ViTDense(nnx.Module):
     """A module holding one `dense` Linear (HF's ViTSelfOutput / ViTIntermediate / ViTOutput)."""
 
@@ -189,11 +144,11 @@ class ViTDense(nnx.Module):
 
 class ViTAttention(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-        self.attention = ViTSelfAttention(cfg, rngs=rngs)
+        self.attention = SelfAttention(cfg, rngs=rngs, use_bias=cfg.qkv_bias)
         self.output = ViTDense(cfg, cfg.hidden_size, cfg.hidden_size, ("heads", "embed"), rngs=rngs)
 
     def __call__(self, x_BPD, *, deterministic, rng, first_token_only=False):
-        return self.output(self.attention(x_BPD, deterministic=deterministic, rng=rng,
+        return self.output(self.attention(x_BPD, None, deterministic=deterministic, rng=rng,
                                           first_token_only=first_token_only))
 
 
@@ -222,16 +177,6 @@ class ViTLayer(nnx.Module):
         return x_BPD + self.dropout(h, deterministic=deterministic, rng=keys(), within=full)
 
 
-class ViTEncoder(nnx.Module):
-    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-        self.layer = nnx.List([ViTLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
-        self.remat = cfg.remat
-
-    def __call__(self, x_BPD, *, deterministic, keys, output_hidden_states=False, first_token_only=False):
-        return run_layers(self.layer, self.remat, x_BPD, keys=keys, deterministic=deterministic,
-                          output_hidden_states=output_hidden_states, first_token_only=first_token_only)
-
-
 class ViTPooler(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         out = cfg.pooler_output_size or cfg.hidden_size
@@ -256,7 +201,7 @@ class ViTModel(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs, add_pooling_layer: bool = True):
         self.config = cfg
         self.embeddings = ViTEmbeddings(cfg, rngs=rngs)
-        self.encoder = ViTEncoder(cfg, rngs=rngs)
+        self.encoder = LayerStack(cfg, ViTLayer, rngs=rngs)
         self.layernorm = layer_norm(cfg, cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs)
         self.pooler = ViTPooler(cfg, rngs=rngs) if add_pooling_layer else None
 
@@ -294,9 +239,12 @@ class ViTForImageClassification(nnx.Module):
 
     def __call__(self, pixel_values=None, *, interpolate_pos_encoding: bool = False, deterministic: bool = True,
                  rngs=None, output_hidden_states: bool = False) -> ModelOutput:
-        key = None if deterministic else as_key(rngs)
-        out = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                       deterministic=deterministic, rngs=key, output_hidden_states=output_hidden_states,
-                       first_token_only=True)
+        out, _ = run_base(self.vit, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                          deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states,
+                          first_token_only=True)
         logits = self.classifier(out.last_hidden_state[:, 0]).astype(jnp.float32)
         return out.replace(logits=logits, last_hidden_state=None)
+
+
+# task -> head class: the family record's table (jaxtune.models.vit.FAMILY)
+HEADS = {"base": ViTModel, "image-classification": ViTForImageClassification}

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from jaxtune.models.core import KeyRule
+from jaxtune.models.family import KeyRule
 
 
 def _conv_to_hf(a: np.ndarray) -> np.ndarray:  # flax (ph, pw, C, D) -> torch (D, C, ph, pw)
