@@ -4,10 +4,12 @@ the rest of jaxtune uses on parameters.
 `from_pretrained(path_or_id, task=...)` and `save_pretrained(model, out_dir)` work for every family
 in `REGISTRY`; each family lives in its own folder (`modeling.py`, `params.py`).
 
-Modules: `config` (ConfigBase), `outputs` (ModelOutput), `layers` (shared layers and blocks),
-`kernels` (attention, dense, GELU per backend), `dropout` (dropout and PRNG keys), `family`
-(the family record and key tables), `trees` (paths, flat tables, split/merge), `pretrained`
-(registry, loading, export), `hf` (checkpoint files), `generate`, `verify`.
+Modules (one concern each): `config` (ConfigBase, EncoderConfig, DTYPES), `outputs` (ModelOutput),
+`activations` (ACTIVATIONS by hidden_act), `dropout` (dropout and the PRNG keys that drive it),
+`layers` (parameters with logical axes, self-attention, the layer stack), `heads` (what task heads
+share), `kernels` (attention, dense, GELU: `cpu` and `xla` sets, chosen per backend), `family`
+(the family record, key tables, `define`), `trees` (key paths, flat tables, split/merge),
+`pretrained` (registry, loading, export), `hf` (checkpoint files), `generate`, `verify`.
 """
 
 from jaxtune.models import kernels
