@@ -199,3 +199,31 @@ def test_unknown_task_and_base_model():
     with pytest.raises(JaxtuneError, match="problem_type 'bogus'"):
         get_task("sequence-classification", Cfg(2, "bogus")).loss(jnp.ones((1, 2)), {"labels": np.zeros(1, np.int32)})
     assert isinstance(get_task("token-classification"), Task)
+
+
+@pytest.mark.parametrize("name, cfg, logits_shape, labels", [
+    ("sequence-classification", Cfg(K), (B, K), rs.randint(0, K, B).astype(np.int32)),
+    ("sequence-classification", Cfg(K, "multi_label_classification"), (B, K),
+     rs.randint(0, 2, (B, K)).astype(np.float32)),
+    ("sequence-classification", Cfg(1), (B, 1), rs.normal(size=B).astype(np.float32)),
+    ("sequence-classification", Cfg(K, "regression"), (B, K), rs.normal(size=(B, K)).astype(np.float32)),
+    ("image-classification", Cfg(K), (B, K), rs.randint(0, K, B).astype(np.int32)),
+    ("token-classification", Cfg(K), (B, T, K), rs.randint(0, K, (B, T)).astype(np.int32)),
+    ("causal-lm", None, (B, T, K), rs.randint(0, K, (B, T)).astype(np.int32)),
+])
+def test_metric_names_are_known_before_any_data_and_match_the_metrics(name, cfg, logits_shape, labels):
+    """`train.metric` is checked against `metric_names()` before training; they must be exactly
+    the keys a split's metrics have."""
+    task = get_task(name, cfg)
+    outputs = task.outputs(jnp.asarray(rs.normal(size=logits_shape).astype(np.float32)),
+                           {"labels": labels, "weights": WEIGHTS})
+    assert tuple(task.metrics(add_totals(None, outputs))) == task.metric_names()
+
+
+def test_each_task_says_what_data_it_reads_and_what_a_model_folder_must_supply():
+    from jaxtune.tasks import TASKS
+
+    kinds = {n: (get_task(n).data_kind, get_task(n).modality) for n in TASKS}
+    assert kinds == {"sequence-classification": ("text", "text"), "token-classification": ("tokens", "text"),
+                     "causal-lm": ("lm", "text"), "image-classification": ("image", "image")}
+    assert get_task("causal-lm").predict_options and not get_task("sequence-classification").predict_options

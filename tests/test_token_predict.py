@@ -54,7 +54,10 @@ def torch_tags(tok, model, text, last=False):
 
 
 def test_each_word_gets_its_first_sub_tokens_tag(tagger):
-    from jaxtune.inference import format_tags, load, predict
+    from jaxtune.inference import load, predict
+    from jaxtune.tasks import get_task
+
+    format_tags = get_task("token-classification").format
 
     folder, tok, model = tagger
     loaded = load(folder)
@@ -75,7 +78,10 @@ def test_each_word_gets_its_first_sub_tokens_tag(tagger):
 
 
 def test_cli_prints_word_tags_and_refuses_generation_options(tagger):
-    from jaxtune.inference import format_tags, load, predict
+    from jaxtune.inference import load, predict
+    from jaxtune.tasks import get_task
+
+    format_tags = get_task("token-classification").format
 
     folder = tagger[0]
     proc = tr.cli("predict", folder, TEXTS[0], TEXTS[1])

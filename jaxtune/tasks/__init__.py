@@ -1,23 +1,29 @@
-"""Tasks: the loss, eval outputs and metrics of each kind of fine-tuning, one file per task.
+"""Tasks: everything task-specific (loss, eval sums, metrics, data kind, prediction), one file each.
 
     task = get_task("sequence-classification", model.config)
-    loss_fn = make_loss_fn(model)          # (params, batch, rng) -> (loss, aux), for make_train_step
-    eval_fn = make_eval_fn(model)          # (params, batch) -> sums, for make_eval_step
+    task.data_kind, task.modality     # 'text' / 'tokens' / 'lm' / 'image'; 'text' or 'image'
+    task.metric_names()               # what task.metrics() returns, known before any data is seen
+    loss_fn = make_loss_fn(model)     # (params, batch, rng) -> (loss, aux), for make_train_step
+    eval_fn = make_eval_fn(model)     # (params, batch) -> sums, for make_eval_step
     metrics = evaluate(jitted_eval_step, state, batches, task)   # over a whole split
+    results = task.predict(loaded, ["a text", ...])                # `jaxtune predict`
+    lines = [task.format(r) for r in results]
 
 Batches are dicts of arrays: `input_ids`, `attention_mask`, optional `token_type_ids`, `labels`,
 and `weights` (B,) float32, 0 for padding examples so they never count.
+
+Adding a task: write `jaxtune/tasks/<task>.py` with a `Task` subclass and `make(config) -> Task`,
+then add one line to `TASKS` below. Recipes, the data pipeline and `jaxtune predict` find it here.
+
+This file stays light (no jax at import) so that `jaxtune.config` can validate recipe task names
+against `TASKS`; the functions below load their modules on first use.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Iterable, Optional
 
-from jaxtune.errors import JaxtuneError
-from jaxtune.tasks.base import MODEL_INPUTS, Task, add_totals, model_inputs
-
-# task name -> module with make(config) -> Task
+# task name -> module with make(config) -> Task: the one registry of tasks
 TASKS = {
     "sequence-classification": "jaxtune.tasks.sequence_classification",
     "token-classification": "jaxtune.tasks.token_classification",
@@ -25,79 +31,37 @@ TASKS = {
     "image-classification": "jaxtune.tasks.image_classification",
 }
 
+# public name -> module that defines it (loaded on first access: they import jax)
+_LAZY = {
+    "MODEL_INPUTS": "jaxtune.tasks.base",
+    "Task": "jaxtune.tasks.base",
+    "add_totals": "jaxtune.tasks.base",
+    "model_inputs": "jaxtune.tasks.base",
+    "evaluate": "jaxtune.tasks.model_fns",
+    "make_eval_fn": "jaxtune.tasks.model_fns",
+    "make_loss_fn": "jaxtune.tasks.model_fns",
+    "task_of": "jaxtune.tasks.model_fns",
+}
 
-def get_task(name: str, config=None) -> Task:
-    """The Task for `name`, shaped by a model config (num_labels, problem_type)."""
+
+def task_module(name: str):
+    """The module of task `name`; a one-line error naming the supported tasks otherwise."""
     if name not in TASKS:
+        from jaxtune.errors import JaxtuneError
+
         raise JaxtuneError(f"task '{name}' has no loss yet; supported: {', '.join(TASKS)}")
-    return importlib.import_module(TASKS[name]).make(config)
+    return importlib.import_module(TASKS[name])
 
 
-def task_of(model) -> str:
-    """The task of a jaxtune head, from its HF architecture name."""
-    from jaxtune.models import family_of
-
-    task = family_of(model).task_of(getattr(type(model), "hf_architecture", ""))
-    if task is None or task == "base":
-        raise JaxtuneError(f"{type(model).__name__} is not a task head; pass task=...")
-    return task
+def get_task(name: str, config=None):
+    """The Task for `name`, shaped by a model config (num_labels, problem_type)."""
+    return task_module(name).make(config)
 
 
-def _resolve(model, task) -> Task:
-    if isinstance(task, Task):
-        return task
-    return get_task(task or task_of(model), model.config)
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jaxtune.tasks' has no attribute '{name}'")
 
 
-def make_loss_fn(model, task: Optional[str | Task] = None) -> Callable:
-    """`loss_fn(params, batch, rng) -> (loss, aux)` for a jaxtune model (training mode: dropout
-    on, driven by `rng`). The model's non-parameter state is held fixed."""
-    from jaxtune.models import merge, split
-
-    graphdef, _, rest = split(model)
-    task = _resolve(model, task)
-
-    def loss_fn(params, batch, rng):
-        out = merge(graphdef, params, rest)(**model_inputs(batch), deterministic=False, rngs=rng)
-        return task.loss(out.logits, batch)
-
-    return loss_fn
-
-
-def make_eval_fn(model, task: Optional[str | Task] = None) -> Callable:
-    """`eval_fn(params, batch) -> dict of sums` (see `Task.outputs`), deterministic."""
-    from jaxtune.models import merge, split
-
-    graphdef, _, rest = split(model)
-    task = _resolve(model, task)
-
-    def eval_fn(params, batch):
-        out = merge(graphdef, params, rest)(**model_inputs(batch), deterministic=True)
-        return task.outputs(out.logits, batch)
-
-    return eval_fn
-
-
-def evaluate(eval_step: Callable, state, batches: Iterable, task: Task) -> dict:
-    """Metrics over a whole split: sum `eval_step(state, batch)` over every batch, then
-    `task.metrics`. Padding examples must carry weight 0; no batch is dropped."""
-    totals = None
-    for batch in batches:
-        totals = add_totals(totals, eval_step(state, batch))
-    if totals is None:
-        raise JaxtuneError("evaluate: the split has no batches")
-    return task.metrics(totals)
-
-
-__all__ = [
-    "MODEL_INPUTS",
-    "TASKS",
-    "Task",
-    "add_totals",
-    "evaluate",
-    "get_task",
-    "make_eval_fn",
-    "make_loss_fn",
-    "model_inputs",
-    "task_of",
-]
+__all__ = ["TASKS", "get_task", "task_module", *_LAZY]

@@ -3,13 +3,15 @@
 A task turns logits and a batch into (a) a training loss and (b) eval *outputs*: sums that add up
 over batches (weighted loss, weight, correct counts, per-class tp/fp/fn), so that metrics over a
 whole split are exact: no dropped remainder, and padding examples (weight 0) never count.
-`Task.metrics(totals)` turns the summed outputs of a split into numbers.
+`Task.metrics(totals)` turns the summed outputs of a split into numbers. A task also says what
+data it reads (`data_kind`, `modality`), which metrics it reports (`metric_names`, known before
+any data is seen), and how a trained model predicts from raw inputs (`predict`, `format`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +70,7 @@ def macro_f1(tp, fp, fn, *, present_only: bool) -> float:
 
 @dataclass(frozen=True)
 class Task:
-    """A task for one model config. Subclasses implement loss / outputs / metrics / predict."""
+    """A task for one model config. Subclasses implement every method below."""
 
     name: str = ""
     num_labels: int = 2
@@ -76,6 +78,15 @@ class Task:
 
     # Which head `from_pretrained(task=...)` builds for this task.
     head: str = ""
+
+    # The examples the data pipeline reads for it (`jaxtune.data.schema`): 'text', 'tokens', 'lm',
+    # 'image'.
+    data_kind: ClassVar[str] = ""
+    # What a model folder must supply to read raw inputs: 'text' (a tokenizer) or 'image' (image
+    # preprocessing settings).
+    modality: ClassVar[str] = "text"
+    # Keyword options `predict` takes beyond (loaded, inputs), e.g. generation settings.
+    predict_options: ClassVar[tuple[str, ...]] = ()
 
     def loss(self, logits, batch) -> tuple[jax.Array, dict]:
         raise NotImplementedError
@@ -86,7 +97,17 @@ class Task:
     def metrics(self, totals: dict) -> dict:
         raise NotImplementedError
 
-    def predict(self, logits) -> Any:
+    def metric_names(self) -> tuple[str, ...]:
+        """The keys `metrics` returns for this config, in the same order."""
+        raise NotImplementedError
+
+    def predict(self, loaded, inputs: Sequence[str], **options) -> list[dict]:
+        """One result dict per raw input (text, prompt or image path) for a loaded model
+        (`jaxtune.inference.Loaded`: `.model`, `.tokenizer_dir`, `.source`)."""
+        raise NotImplementedError
+
+    def format(self, result: dict) -> str:
+        """One console line for a `predict` result."""
         raise NotImplementedError
 
 

@@ -8,7 +8,7 @@ Packed batches (several short examples per row) add `segment_ids` (B, T): 0 on p
 for the examples of a row. The model then attends only within each example and restarts positions
 at 0 in each; the loss never scores the first token of an example from the previous example's last
 token (a target is used only when it has the same segment id as the position predicting it).
-`pack_examples` builds such rows.
+`pack_examples` builds such rows (first fit, as `data.pack` does: `jaxtune.data.packing`).
 
 The loss, with `average`:
 
@@ -25,20 +25,25 @@ Metrics over a split are always per token: `loss` (mean token cross-entropy), `p
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import ClassVar, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxtune.errors import JaxtuneError
+from jaxtune.data.packing import pack_examples  # re-exported: packed rows for this task's loss
+from jaxtune.data.text import IGNORE
+from jaxtune.errors import DataError, JaxtuneError
+from jaxtune.models.generate import generate
 from jaxtune.tasks.base import Task, example_weights, safe_div, weighted_mean
+from jaxtune.tasks.predicting import tokenizer_of
 
 NAME = "causal-lm"
-IGNORE = -100
+DEFAULT_NEW_TOKENS = 50
 AVERAGES = ("token", "example")
 
 
@@ -60,6 +65,9 @@ def shifted_targets(logits_BTV, batch):
 class CausalLM(Task):
     name: str = NAME
     head: str = NAME
+    data_kind: ClassVar[str] = "lm"
+    predict_options: ClassVar[tuple[str, ...]] = ("max_new_tokens", "do_sample", "temperature", "top_k",
+                                                  "top_p", "seed")
     average: str = "token"
 
     def __post_init__(self):
@@ -114,67 +122,68 @@ class CausalLM(Task):
             "tokens": float(totals["weight_sum"]),
         }
 
-    def predict(self, logits_BTV):
-        """The most likely next token at each position."""
-        return logits_BTV.argmax(-1)
+    def metric_names(self) -> tuple[str, ...]:
+        return ("loss", "perplexity", "accuracy", "tokens")
+
+    def predict(self, loaded, prompts: Sequence[str], *, max_new_tokens: Optional[int] = None,
+                do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                seed: int = 0) -> list[dict]:
+        """Generate after each prompt (all in one batch), with the KV cache.
+
+        A prompt is tokenized as training tokenized prompts (with the tokenizer's special tokens,
+        e.g. a BOS it adds); an empty prompt starts from the BOS token. Greedy unless `do_sample`.
+        `max_new_tokens` None: up to 50, fewer when the model's positions run out.
+        Returns per prompt: input, generated (decoded new text, special tokens skipped), tokens
+        (new token ids, EOS included) and stopped ('eos' or 'length').
+        """
+        tok = tokenizer_of(loaded)
+        config = loaded.model.config
+        bos = tok.bos_token_id if tok.bos_token_id is not None else getattr(config, "bos_token_id", None)
+        encoded = []
+        for p in prompts:
+            ids = list(tok(p)["input_ids"])
+            if not ids:
+                if bos is None:
+                    raise DataError("an empty prompt needs a BOS token, and neither the tokenizer nor "
+                                    "the model has one")
+                ids = [int(bos)]
+            encoded.append(ids)
+        longest = max(len(e) for e in encoded)
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit is not None and longest >= limit:
+            raise DataError(f"the longest prompt has {longest} tokens; the model has {limit} positions")
+        if max_new_tokens is None:
+            max_new_tokens = DEFAULT_NEW_TOKENS if limit is None else min(DEFAULT_NEW_TOKENS, limit - longest)
+        ids = np.zeros((len(encoded), longest), np.int32)
+        mask = np.zeros_like(ids)
+        for i, e in enumerate(encoded):  # left-padded, as generate() wants
+            ids[i, longest - len(e):], mask[i, longest - len(e):] = e, 1
+        out = generate(loaded.model, ids, mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        results = []
+        for i, p in enumerate(prompts):
+            new = [int(t) for t in out.tokens[i, : out.lengths[i]]]
+            stopped = "eos" if _ends_with_eos(new, config) else "length"
+            results.append({"input": p, "generated": tok.decode(new, skip_special_tokens=True),
+                            "tokens": new, "stopped": stopped})
+        return results
+
+    def format(self, r: dict) -> str:
+        """'"3 plus 4 is" -> " seven"' (both JSON-quoted: spaces and newlines stay visible)."""
+        return (f"{json.dumps(r['input'], ensure_ascii=False)} -> "
+                f"{json.dumps(r['generated'], ensure_ascii=False)}")
+
+
+def _ends_with_eos(tokens: list[int], config) -> bool:
+    eos = getattr(config, "eos_token_ids", None)
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    return bool(tokens) and tokens[-1] in eos
 
 
 def make(config=None, average: str = "token") -> CausalLM:
     return CausalLM(num_labels=0, average=average)
-
-
-def pack_examples(
-    examples: Iterable[dict],
-    length: int,
-    pad_id: int = 0,
-    max_rows: Optional[int] = None,
-) -> dict[str, np.ndarray]:
-    """Pack examples (`input_ids`, optional `labels`, lists of ints) into rows of `length` tokens.
-
-    First fit, in order: each example goes into the first row with room left (longer examples are
-    cut to `length`). Returns numpy `input_ids`, `attention_mask`, `labels` (-100 on padding),
-    `segment_ids` (1, 2, ... per row; 0 on padding), `position_ids` (restarting per example) and
-    `weights` (1 per row), all (rows, length). `max_rows` caps the rows (more examples: an error).
-    """
-    rows: list[list[tuple[list, list]]] = []
-    room: list[int] = []
-    for ex in examples:
-        ids = list(ex["input_ids"])[:length]
-        labels = list(ex.get("labels", ids))[:length]
-        if len(labels) != len(ids):
-            raise JaxtuneError(f"pack_examples: labels ({len(labels)}) and input_ids ({len(ids)}) differ in length")
-        if not ids:
-            continue
-        for r, left in enumerate(room):
-            if left >= len(ids):
-                rows[r].append((ids, labels))
-                room[r] -= len(ids)
-                break
-        else:
-            rows.append([(ids, labels)])
-            room.append(length - len(ids))
-    if max_rows is not None and len(rows) > max_rows:
-        raise JaxtuneError(f"pack_examples: the examples need {len(rows)} rows of {length}, more than {max_rows}")
-    R = len(rows)
-    out = {
-        "input_ids": np.full((R, length), pad_id, np.int32),
-        "attention_mask": np.zeros((R, length), np.int32),
-        "labels": np.full((R, length), IGNORE, np.int32),
-        "segment_ids": np.zeros((R, length), np.int32),
-        "position_ids": np.zeros((R, length), np.int32),
-        "weights": np.ones((R,), np.float32),
-    }
-    for r, row in enumerate(rows):
-        t = 0
-        for s, (ids, labels) in enumerate(row, start=1):
-            n = len(ids)
-            out["input_ids"][r, t:t + n] = ids
-            out["attention_mask"][r, t:t + n] = 1
-            out["labels"][r, t:t + n] = labels
-            out["segment_ids"][r, t:t + n] = s
-            out["position_ids"][r, t:t + n] = np.arange(n)
-            t += n
-    return out
 
 
 __all__ = ["AVERAGES", "CausalLM", "IGNORE", "NAME", "make", "pack_examples", "shifted_targets"]

@@ -3,12 +3,18 @@
 The loss and metrics are sequence classification's (they only see logits and labels): cross-entropy
 weighted by `batch['weights']`; over a split `loss`, `accuracy` and `macro_f1` (classes that occur
 as label or prediction). Multi-label and regression targets work as there, by `problem_type`.
+Prediction reads image files and preprocesses them as evaluation does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Sequence
 
+from jaxtune.data.image import ImageEncoder, ImageSettings, image_settings_from_model
+from jaxtune.errors import DataError
+from jaxtune.tasks.predicting import forward
 from jaxtune.tasks.sequence_classification import SequenceClassification
 
 NAME = "image-classification"
@@ -18,6 +24,30 @@ NAME = "image-classification"
 class ImageClassification(SequenceClassification):
     name: str = NAME
     head: str = NAME
+    data_kind: ClassVar[str] = "image"
+    modality: ClassVar[str] = "image"
+
+    def predict(self, loaded, paths: Sequence[str], *, batch: int = 32) -> list[dict]:
+        """Classify image files, preprocessed like the model's evaluation."""
+        config = loaded.model.config
+        settings = image_settings_from_model(loaded.tokenizer_dir) if loaded.tokenizer_dir else None
+        settings = ImageSettings.from_any(settings)
+        if settings.size is None and getattr(config, "image_size", None):
+            settings = settings.with_size(config.image_size)
+        encoder = ImageEncoder(settings, getattr(config, "num_channels", 3))
+        logits_of = forward(loaded)
+        results = []
+        for i in range(0, len(paths), batch):
+            chunk = list(paths[i:i + batch])
+            images = []
+            for p in chunk:
+                try:
+                    images.append({"image": Path(p).read_bytes()})
+                except OSError as e:
+                    raise DataError(f"cannot read image {p}: {e.strerror}") from None
+            logits = logits_of({"pixel_values": encoder(images, where=chunk)})
+            results += [{"input": p, **s} for p, s in zip(chunk, self.scores(config, logits))]
+        return results
 
 
 def make(config=None) -> ImageClassification:

@@ -19,6 +19,7 @@ or prediction, like sklearn); multi-label `accuracy` (exact match), `label_accur
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ import optax
 
 from jaxtune.errors import JaxtuneError
 from jaxtune.tasks.base import Task, confusion_sums, example_weights, macro_f1, safe_div, weighted_mean
+from jaxtune.tasks.predicting import forward, label_names, softmax, text_inputs, tokenizer_of
 
 NAME = "sequence-classification"
 SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
@@ -36,6 +38,7 @@ SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classifi
 class SequenceClassification(Task):
     name: str = NAME
     head: str = NAME
+    data_kind: ClassVar[str] = "text"
 
     def kind(self, labels) -> str:
         """The problem type; inferred from num_labels and the labels' dtype when unset."""
@@ -118,14 +121,63 @@ class SequenceClassification(Task):
                 m["pearson"] = float(cov / np.sqrt(vx * vy)) if vx > 0 and vy > 0 else 0.0
         return m
 
-    def predict(self, logits_BK):
-        """Class ids (single-label), 0/1 vectors (multi-label) or values (regression)."""
-        kind = self.problem_type or (REGRESSION if self.num_labels == 1 else SINGLE)
+    def kind_of_config(self) -> str:
+        """The problem type before any labels are seen (unset: regression for one label, else
+        single-label, as transformers decides)."""
+        return self.problem_type or (REGRESSION if self.num_labels == 1 else SINGLE)
+
+    def metric_names(self) -> tuple[str, ...]:
+        kind = self.kind_of_config()
         if kind == SINGLE:
-            return logits_BK.argmax(-1)
+            return ("loss", "accuracy", "macro_f1")
         if kind == MULTI:
-            return (logits_BK > 0).astype(jnp.int32)
-        return logits_BK[..., 0] if self.num_labels == 1 else logits_BK
+            return ("loss", "accuracy", "label_accuracy", "macro_f1")
+        return ("loss", "mse", "mae") + (("pearson",) if self.num_labels == 1 else ())
+
+    def scores(self, config, logits_BK: np.ndarray) -> list[dict]:
+        """Per example: label and probabilities (single-label), labels over 0.5 (multi-label) or
+        value (regression)."""
+        names = label_names(config, logits_BK.shape[-1])
+        kind = self.kind_of_config()
+        out = []
+        for row in logits_BK:
+            if kind == REGRESSION:
+                out.append({"value": float(row[0]) if row.shape[-1] == 1 else row.tolist()})
+            elif kind == MULTI:
+                p = 1 / (1 + np.exp(-row))
+                out.append({"labels": [n for n, q in zip(names, p) if q > 0.5],
+                            "probabilities": dict(sorted(zip(names, p.tolist()), key=lambda t: -t[1]))})
+            else:
+                p = softmax(row)
+                order = np.argsort(-p)
+                out.append({"label": names[order[0]], "probabilities": {names[i]: float(p[i]) for i in order}})
+        return out
+
+    def predict(self, loaded, texts: Sequence[str], *, max_length: int = 512, batch: int = 32) -> list[dict]:
+        """Classify raw texts, tokenized with the model folder's tokenizer."""
+        tok = tokenizer_of(loaded)
+        limit = getattr(loaded.model.config, "max_position_embeddings", None) or max_length
+        logits_of = forward(loaded)
+        results = []
+        for i in range(0, len(texts), batch):
+            chunk = list(texts[i:i + batch])
+            enc = tok(chunk, truncation=True, max_length=min(max_length, limit), padding="longest",
+                      return_tensors="np")
+            logits = logits_of(text_inputs(tok, enc))
+            results += [{"input": t, **s} for t, s in zip(chunk, self.scores(loaded.model.config, logits))]
+        return results
+
+    def format(self, r: dict, top: int = 3) -> str:
+        """'positive 0.912 (neutral 0.061, negative 0.027)  <- input'"""
+        if "label" in r:
+            probs = list(r["probabilities"].items())
+            rest = ", ".join(f"{n} {p:.3f}" for n, p in probs[1:top])
+            head = f"{probs[0][0]} {probs[0][1]:.3f}" + (f" ({rest})" if rest else "")
+        elif "labels" in r:
+            head = "[" + ", ".join(r["labels"]) + "]"
+        else:
+            head = f"{r['value']}"
+        return f"{head}  <- {r['input']}"
 
 
 def _regression_pair(logits_BK, labels):

@@ -10,11 +10,13 @@ label scheme and is left to the caller, from `predict`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Sequence
 
 import jax.numpy as jnp
 import optax
 
 from jaxtune.tasks.base import Task, confusion_sums, example_weights, macro_f1, safe_div, weighted_mean
+from jaxtune.tasks.predicting import forward, label_names, softmax, text_inputs, tokenizer_of
 
 NAME = "token-classification"
 IGNORE = -100
@@ -24,6 +26,7 @@ IGNORE = -100
 class TokenClassification(Task):
     name: str = NAME
     head: str = NAME
+    data_kind: ClassVar[str] = "tokens"
 
     def _token_terms(self, logits_BTK, batch):
         labels_BT = batch["labels"]
@@ -56,8 +59,39 @@ class TokenClassification(Task):
             "macro_f1": macro_f1(totals["tp"], totals["fp"], totals["fn"], present_only=True),
         }
 
-    def predict(self, logits_BTK):
-        return logits_BTK.argmax(-1)
+    def metric_names(self) -> tuple[str, ...]:
+        return ("loss", "accuracy", "macro_f1")
+
+    def predict(self, loaded, texts: Sequence[str], *, batch: int = 32) -> list[dict]:
+        """Each text is split on whitespace into words (as a CoNLL-style training file lists them),
+        and each word gets the tag of its first sub-token, as in training. Words past the model's
+        length limit get tag None."""
+        tok = tokenizer_of(loaded)
+        config = loaded.model.config
+        names = label_names(config, config.num_labels)
+        limit = getattr(config, "max_position_embeddings", None) or 512
+        logits_of = forward(loaded)
+        results = []
+        for i in range(0, len(texts), batch):
+            chunk = list(texts[i:i + batch])
+            words = [t.split() or [t] for t in chunk]  # an empty text is one empty word
+            enc = tok(words, is_split_into_words=True, truncation=True, max_length=limit, padding="longest",
+                      return_tensors="np")
+            logits = logits_of(text_inputs(tok, enc))
+            for j, (text, ws) in enumerate(zip(chunk, words)):
+                p_TK = softmax(logits[j])
+                tags, scores, seen = [None] * len(ws), [None] * len(ws), set()
+                for t, w in enumerate(enc.word_ids(j)):
+                    if w is not None and w not in seen:  # the word's first sub-token
+                        seen.add(w)
+                        k = int(p_TK[t].argmax())
+                        tags[w], scores[w] = names[k], float(p_TK[t, k])
+                results.append({"input": text, "words": ws, "tags": tags, "scores": scores})
+        return results
+
+    def format(self, r: dict) -> str:
+        """'John/B-PER lives/O in/O Paris/B-LOC' (a word past the length limit: word/?)"""
+        return " ".join(f"{w}/{t if t is not None else '?'}" for w, t in zip(r["words"], r["tags"]))
 
 
 def make(config=None) -> TokenClassification:

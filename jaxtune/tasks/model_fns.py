@@ -1,0 +1,68 @@
+"""A model and a task together: the loss and eval functions the pure steps take, and evaluation.
+
+    loss_fn = make_loss_fn(model)          # (params, batch, rng) -> (loss, aux)
+    eval_fn = make_eval_fn(model)          # (params, batch) -> dict of sums
+    metrics = evaluate(jitted_eval_step, state, batches, task)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+from jaxtune.errors import JaxtuneError
+from jaxtune.models import family_of, merge, split
+from jaxtune.tasks import get_task
+from jaxtune.tasks.base import Task, add_totals, model_inputs
+
+
+def task_of(model) -> str:
+    """The task of a jaxtune head, from its HF architecture name."""
+    task = family_of(model).task_of(getattr(type(model), "hf_architecture", ""))
+    if task is None or task == "base":
+        raise JaxtuneError(f"{type(model).__name__} is not a task head; pass task=...")
+    return task
+
+
+def _resolve(model, task) -> Task:
+    if isinstance(task, Task):
+        return task
+    return get_task(task or task_of(model), model.config)
+
+
+def make_loss_fn(model, task: Optional[str | Task] = None) -> Callable:
+    """`loss_fn(params, batch, rng) -> (loss, aux)` for a jaxtune model (training mode: dropout
+    on, driven by `rng`). The model's non-parameter state is held fixed."""
+    graphdef, _, rest = split(model)
+    task = _resolve(model, task)
+
+    def loss_fn(params, batch, rng):
+        out = merge(graphdef, params, rest)(**model_inputs(batch), deterministic=False, rngs=rng)
+        return task.loss(out.logits, batch)
+
+    return loss_fn
+
+
+def make_eval_fn(model, task: Optional[str | Task] = None) -> Callable:
+    """`eval_fn(params, batch) -> dict of sums` (see `Task.outputs`), deterministic."""
+    graphdef, _, rest = split(model)
+    task = _resolve(model, task)
+
+    def eval_fn(params, batch):
+        out = merge(graphdef, params, rest)(**model_inputs(batch), deterministic=True)
+        return task.outputs(out.logits, batch)
+
+    return eval_fn
+
+
+def evaluate(eval_step: Callable, state, batches: Iterable, task: Task) -> dict:
+    """Metrics over a whole split: sum `eval_step(state, batch)` over every batch, then
+    `task.metrics`. Padding examples must carry weight 0; no batch is dropped."""
+    totals = None
+    for batch in batches:
+        totals = add_totals(totals, eval_step(state, batch))
+    if totals is None:
+        raise JaxtuneError("evaluate: the split has no batches")
+    return task.metrics(totals)
+
+
+__all__ = ["evaluate", "make_eval_fn", "make_loss_fn", "task_of"]
