@@ -185,3 +185,21 @@ def test_plain_autodiff_under_both_kernel_sets():
         with kernels.use(name), kernels.plain_autodiff():
             outs[name] = jax.jvp(lambda p: merge(graphdef, p, rest)(**batch).logits, (params,), (tangent,))[1]
     np.testing.assert_allclose(outs["xla"], outs["cpu"], atol=1e-4, rtol=1e-4)
+
+
+def test_gpu_attention_asks_cudnn_only_for_inputs_it_takes():
+    """On a GPU, bf16/fp16 attention with head_dim a multiple of 8 up to 128 goes to cuDNN's fused
+    kernel; float32, odd or large head dims, and every other platform go to XLA's. (No GPU here:
+    the choice is tested, cuDNN itself is not.)"""
+    from jaxtune.models.kernels.xla import attention_implementation
+
+    def q(dtype, head_dim):
+        return jax.ShapeDtypeStruct((2, 16, 4, head_dim), dtype)
+
+    assert attention_implementation(q(jnp.bfloat16, 64), "gpu") == "cudnn"
+    assert attention_implementation(q(jnp.float16, 128), "gpu") == "cudnn"
+    assert attention_implementation(q(jnp.float32, 64), "gpu") == "xla"
+    assert attention_implementation(q(jnp.bfloat16, 60), "gpu") == "xla"
+    assert attention_implementation(q(jnp.bfloat16, 256), "gpu") == "xla"
+    assert attention_implementation(q(jnp.bfloat16, 64), "tpu") == "xla"
+    assert attention_implementation(q(jnp.bfloat16, 64), "cpu") == "xla"
