@@ -139,7 +139,7 @@ def _orbax_read_coroutines() -> list[str]:
 
 def quiet_orbax() -> None:
     """Quiet what Orbax reports that is expected in jaxtune, for this whole process. Call it
-    once at the start of a program (`jaxtune`'s CLI and a run's start do); calling it again
+    once at the start of a program (`jaxtune run/eval/export/predict` do); calling it again
     installs nothing twice. It installs:
 
     - on the `absl` logger, a filter that drops Orbax's expected warnings (saves without

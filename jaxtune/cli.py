@@ -8,6 +8,7 @@ a bug and keeps its traceback. Heavy imports (jax, transformers) happen inside c
 from __future__ import annotations
 
 import functools
+import json
 import sys
 
 import click
@@ -16,6 +17,14 @@ from jaxtune import __version__
 from jaxtune.errors import JaxtuneError
 
 USER_ERROR = 2
+
+
+def quiet_checkpoints() -> None:
+    """Commands that read or write checkpoints quiet Orbax's expected noise (see
+    `jaxtune.checkpoint.quiet_orbax`); imported here, not at start-up, to keep --help fast."""
+    from jaxtune.checkpoint import quiet_orbax
+
+    quiet_orbax()
 
 
 def user_errors(fn):
@@ -75,7 +84,8 @@ def run_cmd(recipe, overrides, restart):
     from jaxtune.config import load_recipe
 
     cfg = load_recipe(recipe, overrides)
-    from jaxtune.trainer import run
+    quiet_checkpoints()
+    from jaxtune.run import run
 
     run(cfg, restart=restart)
 
@@ -121,11 +131,10 @@ def eval_cmd(path, overrides, data_spec, split, step, batch_size, as_json):
     from jaxtune.inference import evaluate_path
     from jaxtune.runlog import fmt_metrics
 
+    quiet_checkpoints()
     what, n, metrics, loaded = evaluate_path(path, data=data_spec, split=split, overrides=overrides,
                                              step=step, batch_size=batch_size)
     if as_json:
-        import json
-
         click.echo(json.dumps({"model": loaded.source, "data": what, "examples": n, **metrics}))
     else:
         click.echo(f"{loaded.source}: {what} ({n} examples)")
@@ -143,6 +152,7 @@ def export_cmd(run_dir, out_dir, which, step):
     """Write an HF folder (transformers loads it) from a checkpoint of RUN_DIR into OUT_DIR."""
     from jaxtune.inference import export_run
 
+    quiet_checkpoints()
     loaded = export_run(run_dir, out_dir, step=step, best=which != "latest")
     click.echo(f"exported {loaded.source} to {out_dir}")
 
@@ -174,8 +184,10 @@ def predict_cmd(model_dir, inputs, as_json, max_new_tokens, sample, temperature,
     jaxtune predict runs/lm "3 plus 4 is" --max-new-tokens 20
     jaxtune predict runs/lm "Once upon a time" --sample --temperature 0.8 --top-p 0.9 --seed 1
     """
-    from jaxtune.inference import FORMATTERS, load, predict
+    from jaxtune.inference import load, predict
+    from jaxtune.tasks import TASKS, task_module
 
+    quiet_checkpoints()
     if not inputs:
         raise JaxtuneError("give at least one INPUT to predict")
     generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
@@ -186,23 +198,16 @@ def predict_cmd(model_dir, inputs, as_json, max_new_tokens, sample, temperature,
     if sampling_only and not sample:
         raise JaxtuneError(f"{', '.join(sampling_only)} only apply with --sample")
     loaded = load(model_dir)
-    options = {}
-    if loaded.task == "causal-lm":
-        options = {k: v for k, v in generation.items() if v is not None}
-        options["do_sample"] = sample
-    elif given:
-        raise JaxtuneError(f"{', '.join(given)}: generation options apply to causal-lm models, "
+    task = loaded.task_object()
+    options = {k: v for k, v in {**generation, "do_sample": sample}.items()
+               if k in task.predict_options and (v is not None or k == "do_sample")}
+    if given and not options:
+        generating = [t for t in TASKS if "do_sample" in task_module(t).make().predict_options]
+        raise JaxtuneError(f"{', '.join(given)}: generation options apply to {', '.join(generating)} models, "
                            f"and {model_dir} is a {loaded.task} model")
     results = predict(loaded, list(inputs), **options)
-    if as_json:
-        import json
-
-        for r in results:
-            click.echo(json.dumps(r))
-    else:
-        fmt = FORMATTERS.get(loaded.task, str)
-        for r in results:
-            click.echo(fmt(r))
+    for r in results:
+        click.echo(json.dumps(r) if as_json else task.format(r))
 
 
 def entry():

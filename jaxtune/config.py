@@ -23,15 +23,10 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from jaxtune.errors import ConfigError
+from jaxtune.tasks import TASKS as TASK_REGISTRY
 
-Task = Literal[
-    "sequence-classification",
-    "token-classification",
-    "causal-lm",
-    "image-classification",
-    "ctc",
-    "seq2seq",
-]
+# The task names come from the one task registry (a light module: no jax at import).
+Task = Literal[tuple(TASK_REGISTRY)]
 TASKS = typing.get_args(Task)
 OptimizerName = Literal["adamw", "adafactor", "sgd", "lion"]
 DType = Literal["float32", "bfloat16", "float16"]

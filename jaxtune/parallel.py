@@ -36,7 +36,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxtune.errors import JaxtuneError
-from jaxtune.models.trees import flatten, key_path, logical_axes, path_str, split, unflatten
+from jaxtune.models import flatten, key_path, logical_axes, path_str, split, unflatten
+from jaxtune.train import init_state, unwrap_optimizer
 
 log = logging.getLogger("jaxtune")
 
@@ -331,6 +332,23 @@ def state_shardings(abstract_state, params, param_sh, mesh: Mesh):
     )
 
 
+def abstract_state(params, tx, mesh: Mesh, param_shardings, *, rng=0, model_state=None):
+    """The TrainState `init_state(params, rng, model_state, tx=tx)` would make, as
+    ShapeDtypeStructs carrying their shardings: nothing is allocated or computed.
+
+    `params` may be arrays or ShapeDtypeStructs; `tx` an optax GradientTransformation or a
+    jaxtune Optimizer (its `.tx`). This is what `create_state` places arrays on and what a
+    checkpoint is restored into.
+    """
+    tx = unwrap_optimizer(tx)[0]
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    init = functools.partial(init_state, tx=tx)
+    shapes = jax.eval_shape(init, params, rng, {} if model_state is None else model_state)
+    shardings = state_shardings(shapes, params, param_shardings, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+
+
 def create_state(params, tx, mesh: Mesh, *, param_shardings=None, rng=0, model_state=None):
     """A TrainState created directly on its shardings: one jit whose out_shardings place every
     array, so the whole optimizer state never sits on one device.
@@ -339,9 +357,6 @@ def create_state(params, tx, mesh: Mesh, *, param_shardings=None, rng=0, model_s
     host arrays; `param_shardings` defaults to the shardings the params already have.
     `tx`: an optax GradientTransformation or a jaxtune Optimizer (its `.tx`).
     """
-    from jaxtune.train import init_state, unwrap_optimizer
-
-    tx = unwrap_optimizer(tx)[0]
     if param_shardings is None:
         param_shardings = current_shardings(params, mesh)
     else:  # host arrays go straight to their shards; placed arrays stay put
@@ -349,10 +364,9 @@ def create_state(params, tx, mesh: Mesh, *, param_shardings=None, rng=0, model_s
     if isinstance(rng, int):
         rng = jax.random.PRNGKey(rng)
     model_state = {} if model_state is None else model_state
-    init = functools.partial(init_state, tx=tx)
-    abstract = jax.eval_shape(init, params, rng, model_state)
-    out_sh = state_shardings(abstract, params, param_shardings, mesh)
-    return jax.jit(init, out_shardings=out_sh)(params, rng, model_state)
+    target = abstract_state(params, tx, mesh, param_shardings, rng=rng, model_state=model_state)
+    init = functools.partial(init_state, tx=unwrap_optimizer(tx)[0])
+    return jax.jit(init, out_shardings=shardings_of(target))(params, rng, model_state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,6 +484,9 @@ class Plan:
 
     def create_state(self, params, tx, **kwargs):
         return create_state(params, tx, self.mesh, **kwargs)
+
+    def abstract_state(self, params, tx, param_shardings, **kwargs):
+        return abstract_state(params, tx, self.mesh, param_shardings, **kwargs)
 
     def batch_sharding(self) -> NamedSharding:
         return batch_sharding(self.mesh, self.rules)

@@ -297,7 +297,7 @@ def test_early_stopping_stops_at_the_first_eval_out_of_patience(tiny):
 
 def test_a_finished_folder_without_checkpoints_is_refused_and_restart_moves_it_aside(tiny, tmp_path):
     from jaxtune.errors import JaxtuneError
-    from jaxtune.trainer import prepare_run_dir
+    from jaxtune.run.folder import prepare_run_dir
 
     out = tmp_path / "run"
     (out / "export").mkdir(parents=True)

@@ -77,7 +77,7 @@ def test_the_same_recipe_fine_tunes_a_pretrained_vit_from_the_hf_cache(tmp_path,
     a local HF cache), its preprocessing (224 x 224, normalised, grayscale -> RGB) and a fresh head."""
     from huggingface_hub import constants
 
-    from jaxtune.trainer import build_data, load_tokenizer_or_images
+    from jaxtune.run.build import build_data, load_preprocessing
 
     missing = [f for f in FILES if not (FASHION / f).is_file()]
     if missing:
@@ -89,7 +89,7 @@ def test_the_same_recipe_fine_tunes_a_pretrained_vit_from_the_hf_cache(tmp_path,
              "data.validation_fraction=0.02", f"data.cache_dir={tmp_path / 'cache'}"]
     overrides = ["model.config={}", f"model.path={HUB_ID}", "data.image_size=224", *small]
     recipe = load_recipe("vit_fashion_mnist", overrides)
-    _, images, _ = load_tokenizer_or_images(recipe)
+    _, images, _ = load_preprocessing(recipe)
     assert images["image_mean"] == [0.5, 0.5, 0.5]
     batch = next(build_data(recipe, None, images).eval_batches("validation"))
     assert batch["pixel_values"].shape[1:] == (3, 224, 224) and batch["pixel_values"].min() < -0.9  # (0 - .5) / .5

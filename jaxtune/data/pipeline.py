@@ -42,6 +42,7 @@ from jaxtune.data.specs import parse_spec
 from jaxtune.data.text import TextEncoder, make_buckets
 from jaxtune.data.tfds_source import open_tfds
 from jaxtune.errors import ConfigError, DataError
+from jaxtune.tasks import get_task
 
 ROLES = ("train", "validation", "test")
 
@@ -269,7 +270,7 @@ def build_data(cfg, task: str, *, tokenizer=None, image_processor=None, batch_si
     for name, b in (("train.batch_size", batch_size), ("train.eval_batch_size", eval_batch_size)):
         if b < 1 or b % shard_count:
             raise ConfigError(f"{name} ({b}) must be a positive multiple of the process count ({shard_count})")
-    if cfg.pack and task != "causal-lm":
+    if cfg.pack and get_task(task).data_kind != "lm":
         raise ConfigError(f"data.pack packs causal-lm examples; it does not apply to task {task}")
     for k in ("num_workers", "num_threads"):
         if getattr(cfg, k) < 0:

@@ -1,6 +1,7 @@
 """Which fields a task needs and where they come from.
 
-Every source is read into *canonical* examples, whatever its column names:
+Every source is read into *canonical* examples, whatever its column names; a task reads the kind
+its `Task.data_kind` names (`jaxtune/tasks/<task>.py`):
 
     kind 'text'    text, [text_pair], label      (sequence-classification)
     kind 'tokens'  tokens (list of words), tags  (token-classification)
@@ -17,13 +18,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from jaxtune.errors import DataError
+from jaxtune.tasks import get_task
 
-TASK_KIND = {
-    "sequence-classification": "text",
-    "token-classification": "tokens",
-    "causal-lm": "lm",
-    "image-classification": "image",
-}
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 # Which recipe option names each canonical column (for error messages).
 OPTION = {
@@ -57,13 +53,9 @@ class Schema:
 
 
 def make_schema(cfg, task: str, problem_type: Optional[str] = None) -> Schema:
-    if task not in TASK_KIND:
-        raise DataError(
-            f"task '{task}' has no data pipeline yet; supported: {', '.join(TASK_KIND)}"
-        )
     if problem_type is not None and problem_type not in PROBLEM_TYPES:
         raise DataError(f"problem_type {problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}")
-    kind = TASK_KIND[task]
+    kind = get_task(task).data_kind  # the task says which examples it reads
     if kind == "text":
         cols = [("text", cfg.text_column)]
         if cfg.text_pair_column:

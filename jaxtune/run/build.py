@@ -1,0 +1,151 @@
+"""Assemble a run from a recipe: `build(recipe) -> Run`. Nothing is printed or written here.
+
+The order: the mesh plan; the data (its labels size the model's head and become `id2label`);
+the model (`from_pretrained` straight onto its shardings, or `from_config` when `model.config`
+has `model_type` and there is no `model.path`); the task (shaped by the model's config); the
+optimizer (`total_steps` = optimizer updates = train steps / `optim.accumulate`); the TrainState
+as ShapeDtypeStructs on their shardings (created or restored later, by `jaxtune.run.session`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from jaxtune import parallel
+from jaxtune.data import Data, build_data as build_data_for_task, image_settings_from_model, load_tokenizer
+from jaxtune.errors import ConfigError
+from jaxtune.models import (
+    family_of, flatten, from_config, from_pretrained, get_family, hf, labels_differ, split,
+)
+from jaxtune.optim import Optimizer, make_optimizer, pretrained_tree
+from jaxtune.tasks import get_task
+from jaxtune.tasks.base import Task
+
+
+@dataclass
+class Run:
+    """Everything a run needs, assembled; the state itself is not created yet."""
+
+    recipe: Any  # the validated Recipe
+    plan: parallel.Plan
+    data: Data
+    model: Any  # the jaxtune model (its arrays are the initial params)
+    fresh: list  # param paths initialised from scratch (all of them without model.path)
+    task: Task
+    total_steps: int
+    optimizer: Optimizer
+    param_shardings: Any
+    abstract: Any  # the TrainState as ShapeDtypeStructs with shardings
+    preprocessing: Optional[str]  # folder whose tokenizer / preprocessor files an export copies
+
+    @property
+    def has_validation(self) -> bool:
+        return "validation" in self.data.splits
+
+    @property
+    def eval_every(self) -> int:
+        return self.recipe.train.eval_every or self.data.steps_per_epoch
+
+    @property
+    def params(self) -> dict:
+        return split(self.model)[1]
+
+
+def load_preprocessing(recipe):
+    """(tokenizer, image settings, folder whose tokenizer/preprocessor files an export copies),
+    as the task's modality needs."""
+    path = recipe.model.path
+    if get_task(recipe.task).modality == "image":
+        return None, (image_settings_from_model(path) if path else None), path
+    if not path:
+        raise ConfigError(
+            "a text model built from model.config alone has no tokenizer; set model.path to a "
+            "folder with tokenizer.json"
+        )
+    return load_tokenizer(path), None, path
+
+
+def build_data(recipe, tokenizer=None, images=None) -> Data:
+    t = recipe.train
+    return build_data_for_task(
+        recipe.data, recipe.task, tokenizer=tokenizer, image_processor=images,
+        batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, seed=t.seed,
+        problem_type=recipe.model.problem_type,
+    )
+
+
+def _hf_config(recipe) -> dict:
+    """The model's HF config dict: model.path's config.json updated by model.config."""
+    m = recipe.model
+    base = hf.read_config(hf.resolve_model_dir(m.path)) if m.path else {}
+    return {**base, **m.config}
+
+
+def build_model(recipe, plan, *, num_labels=None, label_names=None, problem_type=None) -> tuple[Any, list]:
+    """(model on the plan's shardings, param paths initialised from scratch)."""
+    m = recipe.model
+    head = get_task(recipe.task).head
+    hf_config = _hf_config(recipe)
+    family = get_family(hf_config.get("model_type"))
+    overrides = {**family.config_cls.dropout_overrides(m.dropout), **m.config}
+    num_labels = m.num_labels or num_labels
+    id2label = label_names if label_names and num_labels == len(label_names) else None
+    kwargs = dict(
+        num_labels=num_labels, id2label=id2label, problem_type=m.problem_type or problem_type,
+        dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat,
+    )
+    if m.path is None:
+        model = from_config({**hf_config, **overrides}, head, shardings=plan.param_shardings,
+                            seed=recipe.train.seed, **kwargs)
+        return model, list(flatten(split(model)[1]))
+    model, info = from_pretrained(
+        m.path, head, config_overrides=overrides, shardings=plan.param_shardings,
+        ignore_mismatched_sizes=labels_differ(hf_config, num_labels), seed=recipe.train.seed,
+        output_loading_info=True, **kwargs,
+    )
+    return model, info.get("fresh", [])
+
+
+def total_train_steps(recipe, steps_per_epoch: int) -> int:
+    t = recipe.train
+    if t.steps is not None:
+        return t.steps
+    return max(1, math.ceil((t.epochs if t.epochs is not None else 1.0) * steps_per_epoch))
+
+
+def build_optimizer(recipe, model, params, fresh: list, total_steps: int) -> Optimizer:
+    family = family_of(model)
+    updates = max(1, total_steps // recipe.optim.accumulate)
+    pretrained = pretrained_tree(params, fresh) if recipe.model.path else None
+    return make_optimizer(
+        recipe.optim, params, pretrained=pretrained,
+        depth_of=functools.partial(family.depth_of, model.config),
+        num_layers=family.num_layers(model.config), total_steps=updates,
+    )
+
+
+def build(recipe, *, tokenizer=None, images=None, preprocessing: Optional[str] = None) -> Run:
+    """Assemble `recipe` (a validated Recipe). Tokenizer / image settings default to the model
+    folder's (`load_preprocessing`)."""
+    plan = parallel.Plan.from_config(recipe.mesh)
+    plan.local_batch_size(recipe.train.batch_size)  # one-line error when it cannot split
+    if tokenizer is None and images is None:
+        tokenizer, images, preprocessing = load_preprocessing(recipe)
+    data = build_data(recipe, tokenizer, images)
+    model, fresh = build_model(recipe, plan, num_labels=data.num_labels, label_names=data.label_names,
+                               problem_type=data.problem_type)
+    params = split(model)[1]
+    total = total_train_steps(recipe, data.steps_per_epoch)
+    optimizer = build_optimizer(recipe, model, params, fresh, total)
+    param_sh = plan.param_shardings(model)
+    abstract = plan.abstract_state(params, optimizer, param_sh, rng=recipe.train.seed)
+    return Run(recipe=recipe, plan=plan, data=data, model=model, fresh=fresh,
+               task=get_task(recipe.task, model.config), total_steps=total, optimizer=optimizer,
+               param_shardings=param_sh, abstract=abstract, preprocessing=preprocessing)
+
+
+__all__ = ["Run", "build", "build_data", "build_model", "build_optimizer", "load_preprocessing",
+           "total_train_steps"]

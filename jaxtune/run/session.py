@@ -1,0 +1,132 @@
+"""One session of a run: the folder prepared, the run built, its state created or restored.
+
+    session = open_session(recipe, restart=False)   # prints what it is about to do
+    session.state, session.iterator, session.progress, session.start_step
+
+Resuming: a run whose folder holds checkpoints continues from the newest readable one and says
+so; the TrainState, the data iterator and the progress record all come back, so the result is
+bit-identical to an uninterrupted run (same machine, same recipe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from jaxtune.checkpoint import Checkpoints
+from jaxtune.config import replace
+from jaxtune.errors import JaxtuneError
+from jaxtune.models import path_str
+from jaxtune.parallel import is_main_process
+from jaxtune.run.build import Run, build
+from jaxtune.run.folder import (
+    CHECKPOINTS, config_changes, prepare_run_dir, run_dir_of, write_run_config,
+)
+from jaxtune.run.progress import Progress
+from jaxtune.runlog import RunLog, Stopwatch
+from jaxtune.tasks.model_fns import task_of
+
+
+@dataclass
+class Session:
+    run: Run
+    out: Path
+    ckpt: Checkpoints
+    log: RunLog
+    state: Any
+    iterator: Any
+    progress: Progress
+    start_step: int
+    resumed_from: Optional[int]
+    clock: Stopwatch = dataclasses.field(default_factory=Stopwatch)
+
+    def say(self, msg: str) -> None:
+        self.log.say(msg)
+
+    def meta(self) -> dict:
+        """The progress record as saved in a checkpoint (with the wall time so far)."""
+        return dataclasses.replace(self.progress, elapsed_s=self.clock.elapsed).to_json()
+
+    def close(self) -> None:
+        try:
+            self.ckpt.close()
+        finally:
+            self.log.close()
+
+
+def model_config_dict(model) -> dict:
+    """What save_pretrained writes as config.json, plus the jaxtune head's task."""
+    config = model.config.to_hf()
+    config["architectures"] = [type(model).hf_architecture]
+    config["jaxtune_task"] = task_of(model)
+    return config
+
+
+def open_session(recipe, restart: bool = False) -> Session:
+    """Prepare the folder, build the run, restore or create its state; say what will happen."""
+    main = is_main_process()
+    out = run_dir_of(recipe)
+    recipe = replace(recipe, output_dir=str(out))
+    notes: list[str] = []
+    resume = prepare_run_dir(out, restart, notes.append)
+    if main and resume:
+        changed = config_changes(out, recipe)
+        if changed:
+            notes.append("note: the recipe differs from the run's config.yaml: " + "; ".join(changed))
+    for note in notes if main else ():
+        print(note, flush=True)
+    run = build(recipe)
+    ckpt = Checkpoints(out / CHECKPOINTS, recipe.checkpoint, metric=recipe.train.metric,
+                       mode=recipe.train.metric_mode)
+    restored = ckpt.restore_latest(run.abstract, run.data.train_iterator) if resume else None
+    if resume and restored is None:
+        raise JaxtuneError(f"no checkpoint in {out / CHECKPOINTS} can be restored; pass --restart to start over")
+    if restored is not None:
+        state, iterator = restored.state, restored.iterator
+        progress, start = Progress.from_json(restored.meta), restored.step
+    else:
+        state = run.plan.create_state(run.params, run.optimizer, param_shardings=run.param_shardings,
+                                      rng=recipe.train.seed)
+        iterator, progress, start = run.data.train_iterator(), Progress(), 0
+    # only now: a checkpoint that does not fit must not lose the old records
+    write_run_config(out, recipe, model_config_dict(run.model))
+    log = RunLog(out, main=main, resume_step=start if restored else None, total_steps=run.total_steps,
+                 log_every=recipe.train.log_every)
+    session = Session(run, out, ckpt, log, state, iterator, progress, start,
+                      restored.step if restored is not None else None, Stopwatch(progress.elapsed_s))
+    for line in describe(session):
+        session.say(line)
+    return session
+
+
+def describe(s: Session) -> list[str]:
+    """What the session is about to do, as console lines."""
+    r, d = s.run, s.run.data
+    recipe = r.recipe
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(r.params))
+    fresh = ", ".join(path_str(p) for p in r.fresh[:4]) if recipe.model.path else "all (from config)"
+    mesh = " x ".join(f"{k}={v}" for k, v in r.plan.mesh.shape.items())
+    lines = [
+        d.summary(),
+        f"model: {type(r.model).__name__} from {recipe.model.path or 'model.config'}, "
+        f"{n_params / 1e6:.2f}M params" + (f", new: {fresh}" if fresh else ""),
+        f"training {r.total_steps} steps ({r.total_steps / d.steps_per_epoch:.3g} epochs of "
+        f"{d.steps_per_epoch}, batch {recipe.train.batch_size}) on {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s), mesh {mesh}; eval every {r.eval_every} steps; "
+        f"output {s.out}",
+    ]
+    if s.resumed_from is not None:
+        lines.append(f"resuming from step {s.resumed_from} (checkpoints in {s.out / CHECKPOINTS})")
+        if s.resumed_from >= r.total_steps or s.progress.stopped:
+            lines.append("the run is already complete; evaluating and exporting its best checkpoint again")
+    if not r.has_validation:
+        lines.append("note: no validation split: no evaluations during training; the last step is exported")
+    return lines
+
+
+__all__ = ["Session", "describe", "model_config_dict", "open_session"]
