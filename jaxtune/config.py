@@ -59,6 +59,10 @@ class DataConfig:
     data_dir: Optional[str] = None  # TFDS data_dir (local or gs://)
     cache_dir: Optional[str] = None  # where local files become array_record; default ~/.cache/jaxtune
     encoding: str = "utf-8"
+    # CSV/TSV quotes: "minimal" reads them as pandas and Python's csv module do by default (a field
+    # may be "quoted", with "" for a quote and tabs, commas or line breaks inside); "none": quotes
+    # are plain text (files with bare " characters, e.g. 5" screens at the start of a field).
+    quoting: Literal["minimal", "none"] = "minimal"
     text_column: str = "text"
     text_pair_column: Optional[str] = None
     label_column: str = "label"

@@ -58,6 +58,9 @@ are converted once to a TFDS array_record dataset under the cache dir (see `jaxt
 Without a validation (test) spec, data.validation_fraction (test_fraction) of train is held out,
 seeded and stratified; identical texts are kept in the first split only (data.deduplicate).
 Labels map to ids in sorted order (numeric when all are integers), or data.labels' order.
+CSV/TSV quotes are read as pandas reads them (data.quoting: minimal); data.quoting: none reads `"`
+as a plain character. A file that cannot be read (not a regular file, no permission, an I/O
+error) is a DataError naming it and the OS's reason.
 """
 
 from jaxtune.data.image import ImageSettings, image_settings_from_model

@@ -32,7 +32,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import dataset_builder, dataset_info
 
 from jaxtune.data.labels import LabelMap
-from jaxtune.data.readers import Table, read_table
+from jaxtune.data.readers import Table, read_bytes, read_table, unreadable
 from jaxtune.data.report import DataReport
 from jaxtune.data.schema import Schema
 from jaxtune.data.sources import Prepared, SplitSource
@@ -69,7 +69,10 @@ def fingerprint(specs: dict[str, Spec], schema: Schema, options: dict) -> str:
         spec = specs[split]
         h.update(f"{split}|{spec.kind}".encode())
         for p in spec.paths:
-            h.update((_dir_digest(p) if p.is_dir() else _file_digest(p)).encode())
+            try:
+                h.update((_dir_digest(p) if p.is_dir() else _file_digest(p)).encode())
+            except OSError as e:  # no permission, an I/O error: the file and the OS's reason
+                raise unreadable(p, e) from None
     return h.hexdigest()
 
 
@@ -85,6 +88,7 @@ def prepare_local(specs: dict[str, Spec], schema: Schema, cfg, cache_root: Path)
     held = heldout_fractions(cfg, specs)
     options = {
         "encoding": cfg.encoding,
+        "quoting": cfg.quoting,
         "labels": cfg.labels,
         "heldout": held,
         "split_seed": cfg.split_seed if held else None,
@@ -97,6 +101,10 @@ def prepare_local(specs: dict[str, Spec], schema: Schema, cfg, cache_root: Path)
     if not (final / META).exists():
         _build(final, specs, schema, cfg, held, options["deduplicate"])
     return open_local(final)
+
+
+def _cache_error(folder: Path, e: OSError) -> DataError:
+    return DataError(f"cannot write the data cache {folder}: {e.strerror or e} (set data.cache_dir to a writable folder)")
 
 
 def _encode_labels(tables: dict[str, Table], schema: Schema, cfg) -> tuple[Optional[list[str]], Optional[str]]:
@@ -211,7 +219,7 @@ def _build(final: Path, specs, schema: Schema, cfg, held: dict[str, float], dedu
 def _example(row: dict) -> dict:
     img = row.get("image")
     if isinstance(img, Path):
-        return {**row, "image": img.read_bytes()}
+        return {**row, "image": read_bytes(img)}
     return row
 
 
@@ -231,7 +239,10 @@ def _write(final: Path, features, rows: dict[str, list[dict]], meta: dict) -> No
         def _generate_examples(self):
             raise NotImplementedError
 
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cache_error(final.parent, e) from None
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tfds.disable_progress_bar()
@@ -244,6 +255,8 @@ def _write(final: Path, features, rows: dict[str, list[dict]], meta: dict) -> No
         except OSError:
             if not (final / META).exists():  # not a concurrent build that won the race
                 raise
+    except OSError as e:  # no permission, a full disk: the folder and the OS's reason
+        raise _cache_error(final.parent, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,11 +1,14 @@
 """Read local files (csv, tsv, jsonl, image folders, IDX) into canonical rows.
 
 Policy for problems:
-- A file that cannot be used at all (missing, empty, a required column absent, not IDX) raises
-  `DataError` with one line naming the file (and the columns found).
+- A file that cannot be used at all (missing, unreadable, empty, a required column absent, not
+  IDX) raises `DataError` with one line naming the file (and the columns found, or the OS reason).
 - A row that cannot be parsed (wrong number of CSV fields, invalid JSON, undecodable bytes or
   image, tokens and tags of different lengths) raises `DataError` naming the file and line, unless
   `data.skip_bad_rows` is set: then it is dropped and counted in the report.
+- CSV and TSV quotes are read as pandas and Python's csv module read them by default
+  (`data.quoting: minimal`: a quoted field may hold delimiters, line breaks and "" for a quote);
+  `data.quoting: none` reads quotes as plain text, for files with bare quotes.
 - Rows with an empty text or no label are dropped and counted; rows with suspicious but usable
   content (control characters from a wrong encoding, line breaks inside a text) are kept and
   counted as notes. Nothing is dropped silently.
@@ -100,13 +103,22 @@ def _undecodable_offsets(raw: bytes, encoding: str):
             start += e.end
 
 
-def _read_text_file(path: Path, cfg, report: FileReport) -> str:
+def unreadable(path, e: OSError) -> DataError:
+    """One line for a file the OS will not give us: the file and the OS's reason."""
+    if isinstance(e, FileNotFoundError):
+        return DataError(f"file not found: {e.filename or path}")
+    return DataError(f"cannot read {e.filename or path}: {e.strerror or e}")
+
+
+def read_bytes(path: Path) -> bytes:
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"file not found: {path}") from None
+        return path.read_bytes()
     except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
+        raise unreadable(path, e) from None
+
+
+def _read_text_file(path: Path, cfg, report: FileReport) -> str:
+    raw = read_bytes(path)
     if not raw.strip():
         raise DataError(f"{path}: file is empty")
     return _decode(path, raw, cfg, report)
@@ -130,11 +142,23 @@ def _read_delimited(spec: Spec, schema: Schema, cfg, table: Table) -> None:
     text = _read_text_file(path, cfg, table.report)
     tsv = spec.kind == "tsv"
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long documents are fine
+    quoted = cfg.quoting != "none"
+    # pandas' defaults (QUOTE_MINIMAL, doublequote) for both; data.quoting=none: quotes are text.
+    # strict: text after a closing quote ("5" screen) is an error, not glued on as pandas does, so
+    # bare quotes that happen to pair up across lines do not silently merge rows.
     reader = csv.reader(
         io.StringIO(text, newline=""),
         delimiter="\t" if tsv else ",",
-        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,  # TSVs carry bare quotes
+        quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE,
+        doublequote=True,
+        strict=quoted,
     )
+    hint = ""  # quotes are the usual cause of a wrong field count: name the option that reads them
+    if '"' in text:
+        hint = ("; quoted fields are read as pandas reads them (data.quoting=minimal); a file with "
+                "bare \" characters needs data.quoting=none" if quoted else
+                "; data.quoting=none reads quotes as text: quoted fields with delimiters or line breaks "
+                "need data.quoting=minimal")
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
@@ -153,13 +177,15 @@ def _read_delimited(spec: Spec, schema: Schema, cfg, table: Table) -> None:
         except StopIteration:
             break
         except csv.Error as e:
-            _bad_row(table, cfg, path, line, f"not valid {'TSV' if tsv else 'CSV'} ({e})")
+            reason = str(e).replace("\t", "\\t")  # a tab in csv's message: shown as \t
+            _bad_row(table, cfg, path, line, f"not valid {'TSV' if tsv else 'CSV'} ({reason}){hint}")
             continue
         if not fields or fields == [""]:
             continue  # blank line
         table.report.rows += 1
         if len(fields) != len(header):
-            _bad_row(table, cfg, path, line, f"expected {len(header)} fields ({', '.join(header)}), found {len(fields)}")
+            _bad_row(table, cfg, path, line,
+                     f"expected {len(header)} fields ({', '.join(header)}), found {len(fields)}{hint}")
             continue
         _add(table, schema, cfg, path, line, {k: fields[i] for k, i in where.items()})
     if table.report.rows == 0:
@@ -288,6 +314,13 @@ def check_image(data: bytes, path) -> None:
 
 def _read_images(spec: Spec, schema: Schema, cfg, table: Table) -> None:
     root = spec.paths[0]
+    try:
+        _read_image_folder(root, cfg, table)
+    except OSError as e:  # an unreadable subfolder or image
+        raise unreadable(root, e) from None
+
+
+def _read_image_folder(root: Path, cfg, table: Table) -> None:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError(f"{root}: no class subfolders; expected one subfolder of images per class")
@@ -324,7 +357,7 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 
 def read_idx(path: Path) -> np.ndarray:
     """An IDX (MNIST format) file, gzip or not, as a numpy array."""
-    raw = path.read_bytes()
+    raw = read_bytes(path)
     if not raw:
         raise DataError(f"{path}: file is empty")
     if raw[:2] == b"\x1f\x8b":

@@ -12,6 +12,7 @@ suffix (.csv, .tsv, .jsonl) or, for a folder, as `images:`.
 from __future__ import annotations
 
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -57,6 +58,13 @@ def parse_spec(text: str, role: str = "train") -> Spec:
     >>> parse_spec('tfds:glue/sst2:validation', 'validation')
     Spec(kind='tfds', text='tfds:glue/sst2:validation', name='glue/sst2', split='validation', paths=())
     """
+    try:
+        return _parse_spec(text, role)
+    except OSError as e:  # a folder on the way that we may not enter
+        raise DataError(f"data.{role}: cannot read {e.filename or text}: {e.strerror or e}") from None
+
+
+def _parse_spec(text: str, role: str) -> Spec:
     if not isinstance(text, str) or not text.strip():
         raise DataError(f"data.{role}: empty data spec")
     text = text.strip()
@@ -109,4 +117,15 @@ def parse_spec(text: str, role: str = "train") -> Spec:
             raise DataError(f"data.{role}: file not found: {p}")
         elif p.is_dir():
             raise DataError(f"data.{role}: expected a file, got folder {p}")
+        elif not p.is_file():  # reading a FIFO waits for a writer; /dev/zero never ends
+            raise DataError(f"data.{role}: {p} is not a regular file ({_file_kind(p)}); give a saved file")
     return Spec(kind, text, paths=paths)
+
+
+def _file_kind(p: Path) -> str:
+    mode = p.stat().st_mode
+    for test, name in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a plain file"

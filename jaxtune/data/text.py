@@ -21,7 +21,8 @@ from typing import Optional, Sequence
 import numpy as np
 from transformers import AutoTokenizer
 
-from jaxtune.errors import DataError
+from jaxtune.errors import DataError, ModelLoadError
+from jaxtune.models.hf import VOCABULARY_FILES, resolve_model_dir
 from jaxtune.paths import resolve_path
 
 IGNORE = -100
@@ -60,12 +61,22 @@ def bucket_for(n: int, buckets: Sequence[int]) -> int:
 
 
 def load_tokenizer(path: str):
-    """The fast tokenizer of a model folder (path may be pkg:PACKAGE/path), offline."""
+    """The fast tokenizer of a model folder (path may be pkg:PACKAGE/path or a cached hub id),
+    offline. The folder must hold a vocabulary (tokenizer.json, vocab.txt, ...): from config.json
+    alone transformers would build an empty tokenizer that reads every word as [UNK]."""
     folder = resolve_path(path)
+    if not folder.is_dir():  # a hub id in the HF cache, or a one-line error naming the path
+        folder = resolve_model_dir(path)
+    if not any((folder / f).is_file() for f in VOCABULARY_FILES):
+        raise ModelLoadError(
+            f"{folder}: no tokenizer files (looked for {', '.join(VOCABULARY_FILES)}); a text task "
+            "needs the model's tokenizer: copy its files into the folder"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot load a tokenizer from {folder}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # OSError, ValueError, the tokenizers library's bare Exception
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise DataError(f"cannot load a tokenizer from {folder}: {first}") from None
     return tok
 
 

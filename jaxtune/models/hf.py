@@ -23,6 +23,10 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
 TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+# Files that hold a tokenizer's vocabulary: without one, transformers builds an empty tokenizer
+# (every word [UNK]) from config.json's model_type alone.
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                    "tokenizer.model")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -33,6 +37,7 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model",
     "spiece.model",
     "added_tokens.json",
+    "tokenizer.model",
     "preprocessor_config.json",
 )
 
@@ -70,9 +75,13 @@ def _from_hf_cache(repo_id: str) -> Path | None:
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}")
+        raise ModelLoadError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{path}: expected a JSON object")
     return config

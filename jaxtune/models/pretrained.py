@@ -47,11 +47,12 @@ def supported_model_types() -> list[str]:
     return sorted(REGISTRY)
 
 
-def get_family(model_type: Optional[str]) -> Family:
-    if model_type not in REGISTRY:
-        raise ModelLoadError(
-            f"unsupported model_type '{model_type}'; supported: {', '.join(supported_model_types())}"
-        )
+def get_family(model_type: Optional[str], where: Optional[str | os.PathLike] = None) -> Family:
+    """The family of an HF `model_type`; `where` (the config.json it came from) heads the error."""
+    if not isinstance(model_type, str) or model_type not in REGISTRY:
+        head = f"{where}: " if where else ""
+        what = "no model_type" if model_type is None else f"unsupported model_type '{model_type}'"
+        raise ModelLoadError(f"{head}{what}; supported: {', '.join(supported_model_types())}")
     module = importlib.import_module(REGISTRY[model_type])
     return getattr(module, "FAMILIES", {}).get(model_type) or module.FAMILY
 
@@ -133,7 +134,7 @@ def from_pretrained(
     """
     folder = hf.resolve_model_dir(path_or_id)
     hf_config = hf.read_config(folder)
-    family = get_family(hf_config.get("model_type"))
+    family = get_family(hf_config.get("model_type"), folder / "config.json")
     task = _resolve_task(family, hf_config, task)
     if isinstance(id2label, dict):
         id2label = [id2label[k] for k in sorted(id2label, key=int)]

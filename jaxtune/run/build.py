@@ -1,6 +1,8 @@
 """Assemble a run from a recipe: `build(recipe) -> Run`. Nothing is printed or written here.
 
-The order: the mesh plan; the data (its labels size the model's head and become `id2label`);
+The order: the mesh plan; the model folder, its config.json and `data.max_length` against the
+model's positions (`check_model`: each problem is one line naming its file, before any work); the
+tokenizer or image settings; the data (its labels size the model's head and become `id2label`);
 the model (`from_pretrained` straight onto its shardings, or `from_config` when `model.config`
 has `model_type` and there is no `model.path`); the task (shaped by the model's config); the
 optimizer (`total_steps` = optimizer updates = train steps / `optim.accumulate`); the TrainState
@@ -16,10 +18,11 @@ from typing import Any, Optional
 
 from jaxtune import parallel
 from jaxtune.data import Data, build_data as build_data_for_task, image_settings_from_model, load_tokenizer
-from jaxtune.errors import ConfigError
+from jaxtune.errors import ConfigError, ModelLoadError
 from jaxtune.models import (
     family_of, flatten, from_config, from_pretrained, get_family, hf, labels_differ, split,
 )
+from jaxtune.models.pretrained import make_config
 from jaxtune.optim import Optimizer, make_optimizer, pretrained_tree
 from jaxtune.tasks import get_task
 from jaxtune.tasks.base import Task
@@ -54,9 +57,44 @@ class Run:
         return split(self.model)[1]
 
 
+def max_positions(config) -> Optional[int]:
+    """The longest sequence a model's position embeddings hold (None: no such limit)."""
+    n = getattr(config, "max_position_embeddings", None)
+    if n is None:
+        return None
+    if config.model_type in ("roberta", "xlm-roberta"):  # positions count from pad_token_id + 1
+        n -= (config.pad_token_id or 0) + 1
+    return n
+
+
+def check_model(recipe) -> dict:
+    """Check what the model folder must supply before anything reads it: the folder, its
+    config.json, the model_type, and (text tasks) `data.max_length` within the model's positions:
+    a longer sequence would read past the position embeddings, where nnx.Embed's `jnp.take`
+    returns NaN rather than failing. Returns the HF config dict."""
+    m = recipe.model
+    where = (hf.resolve_model_dir(m.path) / "config.json") if m.path else "model.config"
+    config = _hf_config(recipe)
+    family = get_family(config.get("model_type"), where)
+    if get_task(recipe.task).modality != "image":
+        try:
+            cfg = make_config(family, config)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{where}: {e}") from None
+        limit = max_positions(cfg)
+        if limit is not None and recipe.data.max_length > limit:
+            key = type(cfg).attribute_map.get("max_position_embeddings", "max_position_embeddings")
+            raise ConfigError(
+                f"data.max_length ({recipe.data.max_length}) is longer than the model's {limit} positions "
+                f"({key} {getattr(cfg, key)} in {where}); set data.max_length={limit} or less"
+            )
+    return config
+
+
 def load_preprocessing(recipe):
     """(tokenizer, image settings, folder whose tokenizer/preprocessor files an export copies),
-    as the task's modality needs."""
+    as the task's modality needs; the model folder is checked first (`check_model`)."""
+    check_model(recipe)
     path = recipe.model.path
     if get_task(recipe.task).modality == "image":
         return None, (image_settings_from_model(path) if path else None), path
@@ -133,7 +171,9 @@ def build(recipe, *, tokenizer=None, images=None, preprocessing: Optional[str] =
     plan = parallel.Plan.from_config(recipe.mesh)
     plan.local_batch_size(recipe.train.batch_size)  # one-line error when it cannot split
     if tokenizer is None and images is None:
-        tokenizer, images, preprocessing = load_preprocessing(recipe)
+        tokenizer, images, preprocessing = load_preprocessing(recipe)  # the model folder first
+    else:
+        check_model(recipe)
     data = build_data(recipe, tokenizer, images)
     model, fresh = build_model(recipe, plan, num_labels=data.num_labels, label_names=data.label_names,
                                problem_type=data.problem_type)
@@ -147,5 +187,5 @@ def build(recipe, *, tokenizer=None, images=None, preprocessing: Optional[str] =
                param_shardings=param_sh, abstract=abstract, preprocessing=preprocessing)
 
 
-__all__ = ["Run", "build", "build_data", "build_model", "build_optimizer", "load_preprocessing",
-           "total_train_steps"]
+__all__ = ["Run", "build", "build_data", "build_model", "build_optimizer", "check_model",
+           "load_preprocessing", "max_positions", "total_train_steps"]

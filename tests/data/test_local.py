@@ -47,7 +47,7 @@ def test_csv_text_classification_contract(cfg, tmp_path, numbered_csv, tokenizer
 
 def test_tsv_text_pairs_give_token_type_ids(cfg, tmp_path, tokenizer):
     rows = [[f"premise {i}", f"hypothesis number {i}", str(i % 2)] for i in range(20)]
-    rows[3][0] = 'a "quoted" premise'  # bare quotes are text in TSV
+    rows[3][0] = 'a "quoted" premise'  # quotes inside a field are text (as in pandas)
     (tmp_path / "p.tsv").write_text("\n".join("\t".join(r) for r in [["s1", "s2", "y"], *rows]) + "\n")
     data = _build({"train": f"tsv:{tmp_path}/p.tsv", "text_column": "s1", "text_pair_column": "s2",
                    "label_column": "y", "validation_fraction": 0.0}, cfg, tmp_path, tokenizer=tokenizer,
