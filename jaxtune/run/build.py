@@ -67,16 +67,16 @@ def max_positions(config) -> Optional[int]:
     return n
 
 
-def check_model(recipe) -> dict:
+def check_model(recipe, *, lengths: bool = True) -> dict:
     """Check what the model folder must supply before anything reads it: the folder, its
-    config.json, the model_type, and (text tasks) `data.max_length` within the model's positions:
-    a longer sequence would read past the position embeddings, where nnx.Embed's `jnp.take`
-    returns NaN rather than failing. Returns the HF config dict."""
+    config.json, the model_type, and (text tasks, `lengths`) `data.max_length` within the model's
+    positions: a longer sequence would read past the position embeddings, where nnx.Embed's
+    `jnp.take` returns NaN rather than failing. Returns the HF config dict."""
     m = recipe.model
     where = (hf.resolve_model_dir(m.path) / "config.json") if m.path else "model.config"
     config = _hf_config(recipe)
     family = get_family(config.get("model_type"), where)
-    if get_task(recipe.task).modality != "image":
+    if lengths and get_task(recipe.task).modality != "image":
         try:
             cfg = make_config(family, config)
         except ModelLoadError as e:
@@ -93,8 +93,8 @@ def check_model(recipe) -> dict:
 
 def load_preprocessing(recipe):
     """(tokenizer, image settings, folder whose tokenizer/preprocessor files an export copies),
-    as the task's modality needs; the model folder is checked first (`check_model`)."""
-    check_model(recipe)
+    as the task's modality needs; the model folder and its config.json are checked first."""
+    check_model(recipe, lengths=False)
     path = recipe.model.path
     if get_task(recipe.task).modality == "image":
         return None, (image_settings_from_model(path) if path else None), path
@@ -170,10 +170,9 @@ def build(recipe, *, tokenizer=None, images=None, preprocessing: Optional[str] =
     folder's (`load_preprocessing`)."""
     plan = parallel.Plan.from_config(recipe.mesh)
     plan.local_batch_size(recipe.train.batch_size)  # one-line error when it cannot split
+    check_model(recipe)  # the model folder, config.json and data.max_length, before any work
     if tokenizer is None and images is None:
-        tokenizer, images, preprocessing = load_preprocessing(recipe)  # the model folder first
-    else:
-        check_model(recipe)
+        tokenizer, images, preprocessing = load_preprocessing(recipe)
     data = build_data(recipe, tokenizer, images)
     model, fresh = build_model(recipe, plan, num_labels=data.num_labels, label_names=data.label_names,
                                problem_type=data.problem_type)
