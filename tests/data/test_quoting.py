@@ -85,12 +85,12 @@ def test_bare_quotes_need_quoting_none_and_the_error_says_so(cfg, tmp_path):
 
 def test_the_cache_key_holds_the_quoting_option(cfg, tmp_path):
     """A file whose quotes parse either way: each setting gets its own cached dataset."""
-    (tmp_path / "q.tsv").write_text('text\tlabel\n"quoted" text\ta\nplain\tb\n')
+    (tmp_path / "q.tsv").write_text('text\tlabel\n"quoted text"\ta\nplain\tb\n')
     spec = {"train": f"tsv:{tmp_path}/q.tsv", "validation_fraction": 0.0, "deduplicate": False}
     minimal = prepare(cfg(**spec), "sequence-classification", cache_dir=tmp_path / "cache")
     none = prepare(cfg(**spec, quoting="none"), "sequence-classification", cache_dir=tmp_path / "cache")
     assert minimal.location != none.location
-    assert _texts(minimal)[0] == "quoted text" and _texts(none)[0] == '"quoted" text'  # as pandas / as written
+    assert _texts(minimal)[0] == "quoted text" and _texts(none)[0] == '"quoted text"'  # as pandas / as written
     again = prepare(cfg(**spec), "sequence-classification", cache_dir=tmp_path / "cache")
     assert again.location == minimal.location
 
