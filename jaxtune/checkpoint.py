@@ -23,7 +23,15 @@ included). So once one checkpoint exists, some complete checkpoint always exists
 A checkpoint that cannot be read (truncated, corrupt) raises CheckpointDamaged; when resuming,
 it is moved aside to `<checkpoints>.corrupt/` (never deleted) with a warning, and the next older
 one is tried. A checkpoint that does not fit the recipe (other model or optimizer) is a user
-error (CheckpointMismatch): nothing is moved.
+error (CheckpointMismatch): nothing is moved. What counts as damage: any file that a restore
+reads, cut short or corrupt: the array data and OCDBT manifest (TensorStore names the file), and
+the JSON files, which are checked before Orbax reads them so that the error names the file
+(`_CHECKPOINT_METADATA`, `metrics/metrics`, `meta/metadata`, `data/*.json`, `state/_METADATA`,
+`state/array_metadatas/*`). A step whose metrics cannot be read cannot be ranked: it counts as
+damaged, and `best_step()` says so rather than silently pick another. Files that no restore reads
+(`commit_success.txt`, `state/_sharding`, the per-process `state/ocdbt.process_*/` files that the
+finalized step's root OCDBT database no longer refers to) do not matter: the step restores the
+same bits without them (tests/test_checkpoint_damage.py cuts every file of a step).
 
 A failed restore leaves echoes of its parallel reads (asyncio log records, unraisable
 callbacks, never-awaited coroutines) that Orbax lets reach stderr. `quiet_orbax()` drops exactly
@@ -34,6 +42,7 @@ process-wide state (loggers, warning filters, hooks), so only programs that call
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import re
@@ -62,6 +71,9 @@ _MISMATCH = ("tree structures do not match", "is not compatible with the stored 
 # What Orbax raises for unreadable files: TensorStore's read errors (ValueError: "OUT_OF_RANGE:
 # ...", "NOT_FOUND: ..."), torn JSON (JSONDecodeError), a missing item (KeyError), file errors.
 _DAMAGE = (OSError, ValueError, KeyError)
+# What a failed write raises: OSError (ENOSPC, EFBIG), TensorStore's ValueError ("OUT_OF_RANGE:
+# Error writing ... Failed writing").
+_WRITE_FAILURES = (OSError, ValueError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,12 +83,24 @@ _DAMAGE = (OSError, ValueError, KeyError)
 
 class _QuietExpectedWarnings(logging.Filter):
     """Orbax warnings that are expected here: saves between evaluations carry no metrics by
-    design, and `jaxtune eval/export` open checkpoints read-only on purpose."""
+    design, and `jaxtune eval/export` open checkpoints read-only on purpose; and Orbax's logs of
+    what jaxtune reports itself in one line (a torn _CHECKPOINT_METADATA, a failed save)."""
 
-    EXPECTED = ("did not provide metrics", "Given directory is read only", "read_only=True")
+    EXPECTED = ("did not provide metrics", "Given directory is read only", "read_only=True",
+                # a torn _CHECKPOINT_METADATA, logged whole (ERROR, once per listing); a restore
+                # of that step checks the file itself and reports it as damaged (one line)
+                "Failed to json parse Metadata file")
+
+    # A failed save (a full disk) is logged by each of Orbax's background threads with its
+    # traceback (~250 lines), then raised again from the next wait for it, which `Checkpoints`
+    # turns into one CheckpointNotSaved line.
+    FAILED_SAVE = ("_SignalingThread.run() raised an exception",
+                   "Handler Commit operations or the Commit callback in background save thread",
+                   "Save Finalize thread (save_finalize) failed")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(m in record.getMessage() for m in self.EXPECTED)
+        message = record.getMessage()
+        return not any(m in message for m in self.EXPECTED + self.FAILED_SAVE)
 
 
 class _QuietSiblingReadErrors(logging.Filter):
@@ -96,7 +120,16 @@ class _QuietSiblingReadErrors(logging.Filter):
         e = record.exc_info[1] if record.exc_info else None
         if e is None or "exception was never retrieved" not in str(record.msg).split("\n")[0]:
             return True
-        return not any(d in str(e) for d in self.damaged)
+        # also a failed save's parallel writes into its temporary folder: save/wait/close raise
+        # the save's own error (CheckpointNotSaved)
+        return not (self.names_damaged(str(e)) or _TMP_FOLDER in str(e))
+
+    def names_damaged(self, text: str) -> bool:
+        return any(d in text for d in self.damaged)
+
+
+# Orbax's temporary folder of an unfinished save: `<step>.orbax-checkpoint-tmp[-<n>]`.
+_TMP_FOLDER = ".orbax-checkpoint-tmp"
 
 
 _expected_warnings = _QuietExpectedWarnings()
@@ -104,13 +137,18 @@ _sibling_read_errors = _QuietSiblingReadErrors()
 
 
 def _drop_closed_loop_callbacks(previous: Callable) -> Callable:
-    """An unraisable hook: after a failed restore, TensorStore still completes the other reads
-    of that restore and calls back into Orbax's (already closed) event loop: one 'Event loop is
-    closed' traceback per array. Drop exactly those; everything else goes to `previous`."""
+    """An unraisable hook for two echoes of a failed restore's other reads: TensorStore still
+    completes them and calls back into Orbax's (already closed) event loop ('Event loop is
+    closed', one traceback per array); and a read coroutine abandoned mid-read, when garbage
+    collected, turns its GeneratorExit into Orbax's 'Encountered error while reading array
+    index' with TensorStore's whole spec (~60 lines per array): dropped when the spec names a
+    step that failed to restore. Everything else goes to `previous`."""
 
     def hook(unraisable):
         e = unraisable.exc_value
         if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        if isinstance(e.__cause__, GeneratorExit) and _sibling_read_errors.names_damaged(str(e)):
             return
         previous(unraisable)
 
@@ -144,8 +182,11 @@ def quiet_orbax() -> None:
 
     - on the `absl` logger, a filter that drops Orbax's expected warnings (saves without
       metrics between evaluations; checkpoints opened read-only by `jaxtune eval/export`);
+    - on the same filter, the tracebacks Orbax's background threads log for a failed save (a
+      full disk): `Checkpoints` raises it as one CheckpointNotSaved;
     - on the `asyncio` logger, a filter that drops the 'exception was never retrieved' records
-      of a failed restore's sibling reads (they name a step already reported as damaged);
+      of a failed restore's sibling reads (they name a step already reported as damaged) and of
+      a failed save's sibling writes (into its temporary folder);
     - a `sys.unraisablehook` wrapper that drops the 'Event loop is closed' callbacks those
       reads make after Orbax closed its loop;
     - a `warnings` filter that ignores "coroutine '...' was never awaited" for the coroutine
@@ -184,6 +225,13 @@ def _reason(e: Exception, limit: int = 300) -> str:
 
 class CheckpointMismatch(JaxtuneError):
     """A readable checkpoint whose arrays do not fit the recipe's model or optimizer."""
+
+
+class CheckpointNotSaved(JaxtuneError):
+    """A save that failed (a full disk, a write error): the run stops; the newest complete
+    checkpoint is kept, and the unfinished temporary folder is removed on the next start."""
+
+    exit_code = 1  # the input was fine; the run stopped, like a diverged one
 
 
 class CheckpointDamaged(JaxtuneError):
@@ -233,6 +281,42 @@ def is_better(value: float, best: Optional[float], mode: str, min_delta: float =
     return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
+# The JSON files of a step that a restore reads (globs under the step folder): checked before
+# Orbax reads them, so that a torn one is reported with its path (Orbax's JSONDecodeError has none).
+_JSON_FILES = ("_CHECKPOINT_METADATA", "metrics/metrics", "meta/metadata", "data/*.json",
+               "state/_METADATA", "state/array_metadatas/*")
+
+
+def _unreadable_json(step_dir: Path) -> Optional[str]:
+    """'FILE: reason' for the first JSON file of a step folder that does not parse, else None."""
+    for pattern in _JSON_FILES:
+        for f in sorted(step_dir.glob(pattern)):
+            try:
+                json.loads(f.read_bytes())
+            except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                return f"{f}: {_reason(e)}"
+    return None
+
+
+class _Manager(ocp.CheckpointManager):
+    """Orbax's CheckpointManager, except that a step whose metrics file cannot be read does not
+    stop it from opening: Orbax reads every step's metrics whenever it lists the steps, and a
+    torn file raised a bare JSONDecodeError (no path) from the constructor. Such a step is listed
+    without metrics, and `unreadable_metrics` (step -> 'FILE: reason') remembers it."""
+
+    def __init__(self, *args, **kwargs):
+        self.unreadable_metrics: dict[int, str] = {}
+        super().__init__(*args, **kwargs)
+
+    def _get_metrics(self, step: int):
+        try:
+            return super()._get_metrics(step)
+        except (OSError, ValueError) as e:
+            path = self._get_read_step_directory(step, self.directory) / "metrics" / "metrics"
+            self.unreadable_metrics[step] = f"{path}: {_reason(e)}"
+            return None
+
+
 def _policy(keep: int, keep_best: int, key: Callable):
     policies = [pp.LatestN(n=keep)]
     if keep_best > 0:
@@ -278,7 +362,9 @@ class Checkpoints:
             "data": grain.checkpoint.CheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler(),
         }
-        self.mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self.mngr = _Manager(self.directory, options=options, item_handlers=handlers)
+        self._saving: Optional[int] = None  # the step of the last save started
+        self._failed: Optional[CheckpointNotSaved] = None
 
     # -- queries -------------------------------------------------------------------------
 
@@ -292,7 +378,11 @@ class Checkpoints:
         return self.mngr.metrics(step)
 
     def best_step(self) -> Optional[int]:
-        """The best step among those on disk by the eval metric (None if none has metrics)."""
+        """The best step among those on disk by the eval metric (None if none has metrics).
+        CheckpointDamaged if a step's metrics cannot be read: it might be the best."""
+        for step in self.steps():
+            if step in self.mngr.unreadable_metrics:
+                raise self._damaged(step, self.mngr.unreadable_metrics[step])
         scored = [(rank(self.metric, self.mode)(m), s) for s in self.steps() if (m := self.metrics(s))]
         return max(scored)[1] if scored else None
 
@@ -309,14 +399,42 @@ class Checkpoints:
             meta=ocp.args.JsonSave(meta),
         )
         _sibling_read_errors.damaged.discard(f"{self.directory / str(step)}/")  # a new step folder
-        self.mngr.save(step, args=args, metrics=metrics, force=True)
+        self.mngr.unreadable_metrics.pop(step, None)
+        self.wait()  # Orbax waits for the previous save anyway: a failure of it is reported as its own
+        try:
+            self.mngr.save(step, args=args, metrics=metrics, force=True)
+        except _WRITE_FAILURES as e:
+            raise self._not_saved(step, e) from e
+        self._saving = step
 
     def wait(self) -> None:
-        """Block until the last save is finalized (and old steps are removed)."""
-        self.mngr.wait_until_finished()
+        """Block until the last save is finalized (and old steps are removed).
+        CheckpointNotSaved if it failed."""
+        try:
+            self.mngr.wait_until_finished()
+        except _WRITE_FAILURES as e:
+            raise self._not_saved(self._saving, e) from e
 
     def close(self) -> None:
-        self.mngr.close()
+        """Wait for the last save and release Orbax's threads; CheckpointNotSaved if the last
+        save failed and that was not reported yet."""
+        try:
+            self.mngr.close()
+        except _WRITE_FAILURES as e:
+            if self._failed is None:
+                raise self._not_saved(self._saving, e) from e
+
+    def _not_saved(self, step: Optional[int], e: Exception) -> CheckpointNotSaved:
+        """The error of a failed save (a full disk, a write error), made once: Orbax raises it
+        again from every later wait."""
+        if self._failed is None:
+            kept = sorted((int(p.name) for p in self.directory.iterdir() if p.name.isdigit()), reverse=True)
+            kept = [k for k in kept if k != step]
+            newest = f"the newest complete checkpoint is step {kept[0]}" if kept else "no checkpoint was completed"
+            self._failed = CheckpointNotSaved(
+                f"could not save checkpoint step {step} in {self.directory} ({_reason(e)}); {newest}; "
+                "free some space (a full disk?) and run the same command to resume")
+        return self._failed
 
     # -- restoring -----------------------------------------------------------------------
 
@@ -339,11 +457,17 @@ class Checkpoints:
         None when there is none."""
         for step in sorted(self.steps(), reverse=True):
             try:
-                return self.restore(step, abstract_state, make_iterator())
+                restored = self.restore(step, abstract_state, make_iterator())
             except CheckpointDamaged as e:
                 older = [s for s in self.steps() if s < step]
                 then = f"falling back to step {max(older)}" if older else "no older checkpoint"
                 log.warning("%s; moved it to %s; %s", e, self.move_aside(step), then)
+                continue
+            # an older step whose metrics are unreadable cannot be ranked: keep-best would delete it
+            for other in sorted(set(self.mngr.unreadable_metrics) & set(self.steps())):
+                e = self._damaged(other, self.mngr.unreadable_metrics[other])
+                log.warning("%s; moved it to %s", e, self.move_aside(other))
+            return restored
         return None
 
     def restore_params(self, step: int, abstract_params) -> Any:
@@ -359,11 +483,24 @@ class Checkpoints:
 
     def _restore(self, step: int, args, what: str, hint: str = ""):
         """Orbax's restore of `step`, its failures sorted into the two errors a user can act on:
-        CheckpointMismatch (readable, but not `what`) and CheckpointDamaged (anything else)."""
+        CheckpointMismatch (readable, but not `what`) and CheckpointDamaged (anything else).
+        Any file of the step that a restore reads makes it damaged (the checks come first), even
+        if this restore (params only) would not read it: a step is whole or it is not used."""
+        folder = f"{self.directory / str(step)}/"
+        unreadable = self.mngr.unreadable_metrics.get(step) or _unreadable_json(self.directory / str(step))
+        if unreadable:
+            raise self._damaged(step, unreadable)
+        # echoes of this restore's parallel reads may come while its error propagates: quiet
+        # them from the start; kept only if the files turn out to be damaged
+        _sibling_read_errors.damaged.add(folder)
         try:
-            return self.mngr.restore(step, args=args)
+            out = self.mngr.restore(step, args=args)
+            _sibling_read_errors.damaged.discard(folder)
+            return out
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if not isinstance(e, _DAMAGE) or first.startswith("RESOURCE_EXHAUSTED") or any(m in first for m in _MISMATCH):
+                _sibling_read_errors.damaged.discard(folder)
             if isinstance(e, ValueError) and any(m in first for m in _MISMATCH):
                 raise CheckpointMismatch(
                     f"checkpoint step {step} in {self.directory} does not fit {what} "
@@ -371,10 +508,11 @@ class Checkpoints:
                 ) from None
             if not isinstance(e, _DAMAGE) or first.startswith("RESOURCE_EXHAUSTED"):
                 raise  # out of memory, a bug: not the files' fault, so no checkpoint is blamed
-            _sibling_read_errors.damaged.add(f"{self.directory / str(step)}/")
-            raise CheckpointDamaged(
-                f"checkpoint step {step} in {self.directory} cannot be restored ({_reason(e)})", step
-            ) from e
+            raise self._damaged(step, _reason(e)) from e
+
+    def _damaged(self, step: int, reason: str) -> CheckpointDamaged:
+        _sibling_read_errors.damaged.add(f"{self.directory / str(step)}/")
+        return CheckpointDamaged(f"checkpoint step {step} in {self.directory} cannot be restored ({reason})", step)
 
     def move_aside(self, step: int) -> Path:
         """Move a damaged step folder to `<checkpoints>.corrupt/<step>-<time>`: out of Orbax's
@@ -389,4 +527,4 @@ class Checkpoints:
         return dest
 
 
-__all__ = ["CheckpointDamaged", "CheckpointMismatch", "Checkpoints", "Restored", "is_better", "quiet_orbax", "rank"]
+__all__ = ["CheckpointDamaged", "CheckpointMismatch", "CheckpointNotSaved", "Checkpoints", "Restored", "is_better", "quiet_orbax", "rank"]
