@@ -1,14 +1,17 @@
 """The `jaxtune` command line.
 
 User mistakes (`JaxtuneError`) print one line, `error: ...`, and exit with code 2; anything else is
-a bug and keeps its traceback. Heavy imports (jax, transformers) happen inside commands so that
-`jaxtune --help` and `jaxtune validate` stay fast.
+a bug and keeps its traceback. `jaxtune run` stopped by SIGTERM or Ctrl-C while it loads (before
+its loop starts) prints one line, `stopped by SIGTERM during start-up, ...`, and exits with 128 +
+the signal's number (143, 130), as a process ended by that signal would. Heavy imports (jax,
+transformers) happen inside commands so that `jaxtune --help` and `jaxtune validate` stay fast.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 
 import click
@@ -39,6 +42,38 @@ def user_errors(fn):
             sys.exit(getattr(e, "exit_code", USER_ERROR))  # e.g. a diverged run exits 1
 
     return wrapper
+
+
+class StoppedDuringStartup(BaseException):
+    """SIGTERM / SIGINT before `jaxtune run`'s loop starts. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way out can swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_during_startup():
+    """Until the run's loop installs its own handlers (`jaxtune.run.signals.StopSignal`: finish
+    the step, save), SIGTERM and SIGINT raise `StoppedDuringStartup` in the main thread: loading
+    stops at once, and the run's start takes back what it did to the folder on the way out
+    (`jaxtune.run.session.open_session`). A second signal acts as it would without jaxtune.
+    Returns a function that puts the previous handlers back where this one is still installed."""
+    previous = {}
+
+    def restore():
+        for sig, old in previous.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, old)
+
+    def handler(signum, frame):
+        restore()
+        raise StoppedDuringStartup(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handler)
+    handler.replaced = dict(previous)  # what StopSignal puts back when the loop is over
+    return restore
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,13 +116,20 @@ def validate_cmd(recipe, overrides):
 @user_errors
 def run_cmd(recipe, overrides, restart):
     """Run RECIPE (a path or bundled name) with KEY=VALUE overrides."""
-    from jaxtune.config import load_recipe
+    restore_signals = stop_during_startup()
+    try:
+        from jaxtune.config import load_recipe
 
-    cfg = load_recipe(recipe, overrides)
-    quiet_checkpoints()
-    from jaxtune.run import run
+        cfg = load_recipe(recipe, overrides)
+        quiet_checkpoints()
+        from jaxtune.run import run
 
-    run(cfg, restart=restart)
+        run(cfg, restart=restart)
+    except StoppedDuringStartup as e:
+        click.echo(f"stopped by {e} during start-up, before any step: nothing to save", err=True)
+        sys.exit(128 + e.signum)
+    finally:
+        restore_signals()
 
 
 @main.command("verify")

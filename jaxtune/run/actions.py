@@ -7,12 +7,18 @@
     save_if_due(session, step, state, val, stopping)
     summary = finish(session, eval_step, state, step)                 # test, export, summary
 
+summary.json's times: `wall_time_s` is the training wall time over all sessions (to the last
+step's checkpoint); `session` is the session that wrote the summary (its start, its wall time
+from loading to export, the steps it trained), so re-running a finished run, which only tests
+and exports it again, changes `session` and nothing the training measured.
+
 Test hook: the environment variable `JAXTUNE_INJECT_NAN_STEP=N` turns the example weights of the
 N-th train step's batch into NaN and makes that step's loss NaN (used by the tests; off when unset).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -28,7 +34,7 @@ from jaxtune.models import save_pretrained
 from jaxtune.run.build import Run
 from jaxtune.run.folder import EXPORT, write_summary
 from jaxtune.run.progress import after_evaluation, after_log_line, after_train_step, window_means
-from jaxtune.run.session import Session
+from jaxtune.run.session import Session, check_metric_names  # noqa: F401  (re-exported: the loop's check)
 from jaxtune.runlog import fmt_metrics
 from jaxtune.tasks.model_fns import evaluate, make_eval_fn, make_loss_fn
 from jaxtune.train import make_eval_step, make_train_step
@@ -44,7 +50,10 @@ class NonFiniteLoss(JaxtuneError):
 
 def nan_step() -> Optional[int]:
     v = os.environ.get(NAN_ENV)
-    return int(v) if v else None
+    try:
+        return int(v) if v else None
+    except ValueError:
+        raise ConfigError(f"{NAN_ENV}={v!r}: give a step number") from None
 
 
 def _nan_when_weights_are(loss_fn):
@@ -74,21 +83,6 @@ def next_batch(s: Session, step: int):
     if nan_step() == step:
         batch = {**batch, "weights": batch["weights"] * np.float32("nan")}
     return s.run.plan.shard_batch(batch)
-
-
-def check_metric_names(run: Run) -> None:
-    """Fail before training when train.metric or early_stopping.metric is not a metric."""
-    if not run.has_validation:
-        return
-    names = run.task.metric_names()
-    t = run.recipe.train
-    wanted = [("train.metric", t.metric)]
-    if t.early_stopping is not None:
-        wanted.append(("train.early_stopping.metric", t.early_stopping.metric))
-    for key, name in wanted:
-        if name not in names:
-            raise ConfigError(f"{key}: '{name}' is not a validation metric of this task; "
-                              f"choose one of {', '.join(names)}")
 
 
 class Window:
@@ -160,7 +154,9 @@ def checkpoint_due(run: Run, step: int) -> bool:
 
 def save_if_due(s: Session, step: int, state, val: Optional[dict], stopping: bool) -> None:
     if checkpoint_due(s.run, step) or stopping or s.progress.stopped:
-        s.ckpt.save(step, state, s.iterator, s.meta(), metrics=val)
+        # the training time so far: what summary.json reports once the run is complete
+        s.progress = dataclasses.replace(s.progress, elapsed_s=s.clock.elapsed)
+        s.ckpt.save(step, state, s.iterator, s.progress.to_json(), metrics=val)
 
 
 def finish(s: Session, eval_step, state, step: int) -> dict:
@@ -206,9 +202,16 @@ def _summary(s: Session, step: int, model_step: int, best: Optional[int], test, 
         "validation": p.best_metrics if best is not None else p.last_eval,
         "last_validation": {"step": p.last_eval_step, **(p.last_eval or {})} if p.last_eval else None,
         "test": test,
-        "wall_time_s": s.clock.elapsed,
+        # training over all sessions, to the last step's checkpoint (compilation, evaluations and
+        # saves included; loading, testing and export not): a re-evaluation leaves it as it was
+        "wall_time_s": p.elapsed_s,
         "train_examples_per_s": examples_per_s,
         "resumed_from": s.resumed_from,
+        "session": {  # the session that wrote this summary, from its start (loading) to now
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.started)),
+            "wall_time_s": s.session_s(),
+            "steps": step - s.start_step,  # 0: it only tested and exported a finished run
+        },
         "export": str(export),
         "data": {
             "num_examples": d.num_examples,
@@ -235,7 +238,10 @@ def _say_result(s: Session, summary: dict, model_step: int, best: Optional[int],
     else:
         s.say(f"no test split; validation: {fmt_metrics(summary['validation'] or {})} ({by})")
     speed = f"{summary['train_examples_per_s']:.1f} train examples/s, " if summary["train_examples_per_s"] else ""
-    s.say(f"done in {s.clock.elapsed:.1f}s ({speed}{summary['steps']} steps); exported to {summary['export']}")
+    steps, trained = summary["steps"], summary["session"]["steps"]
+    what = f"trained {trained} of {steps} steps" if trained else f"tested the finished run of {steps} steps"
+    s.say(f"done in {summary['session']['wall_time_s']:.1f}s: {what} ({speed}training took "
+          f"{summary['wall_time_s']:.1f}s in all); exported to {summary['export']}")
 
 
 __all__ = ["NAN_ENV", "NonFiniteLoss", "Window", "check_metric_names", "checkpoint_due", "compile_steps",

@@ -17,6 +17,8 @@ steps are queued (seen with jax 0.10.2). `JAXTUNE_OVERLAP_STEPS=0` turns it off 
 saved at the checkpoint's step, so the result is the same either way, bit for bit.
 
 Stopping: SIGTERM or SIGINT finishes the current step, saves a checkpoint and returns (exit 0).
+The loop's handlers are installed first thing in `train`; before that (`open_session`: loading)
+`jaxtune run`'s start-up handler stops at once with one line (`jaxtune.cli`).
 A non-finite loss raises `NonFiniteLoss` naming the step (the CLI prints one line and exits 1);
 that step's state is not saved, so the newest checkpoint is the last good one.
 """
@@ -44,6 +46,7 @@ OVERLAP_ENV = "JAXTUNE_OVERLAP_STEPS"
 def run(recipe, restart: bool = False) -> dict:
     """Train `recipe` (a validated `jaxtune.config.Recipe`); returns the summary dict."""
     parallel.initialize()
+    can_overlap_steps()  # a bad JAXTUNE_OVERLAP_STEPS fails before any work
     return train(open_session(recipe, restart=restart))
 
 
@@ -58,11 +61,12 @@ def can_overlap_steps() -> bool:
 
 def train(s: Session) -> dict:
     """The loop; returns the summary (or a stop record after a signal)."""
-    train_step, eval_step = compile_steps(s.run)
-    check_metric_names(s.run)
-    stop, window, overlap = StopSignal(jax.process_count() > 1), Window(), can_overlap_steps()
+    stop = StopSignal(jax.process_count() > 1)  # from here a signal stops after a step and saves
     state, step, pending, stopped_by = s.state, s.start_step, None, None
     try:
+        train_step, eval_step = compile_steps(s.run)
+        check_metric_names(s.run)
+        window, overlap = Window(), can_overlap_steps()
         while step < s.run.total_steps and s.progress.stopped is None:
             t0 = time.perf_counter()
             state, metrics = train_step(state, next_batch(s, step + 1))

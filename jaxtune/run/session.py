@@ -6,11 +6,19 @@
 Resuming: a run whose folder holds checkpoints continues from the newest readable one and says
 so; the TrainState, the data iterator and the progress record all come back, so the result is
 bit-identical to an uninterrupted run (same machine, same recipe).
+
+The folder is checked before any data or model is loaded (`folder.open_run_dir`); nothing is
+written in it until the run is built and its state restored or created, and a start that fails
+(an error, Ctrl-C, or SIGTERM raised as an exception by the CLI's start-up handler) takes back
+what it did: folders it created are removed while empty, a `--restart` move is undone. A session
+whose settings differ from the run's config.yaml first moves the old config.yaml and summary.json
+to `history/<time>/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -20,12 +28,13 @@ import numpy as np
 
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import replace
-from jaxtune.errors import JaxtuneError
+from jaxtune.errors import ConfigError, JaxtuneError
 from jaxtune.models import path_str
 from jaxtune.parallel import is_main_process
 from jaxtune.run.build import Run, build
 from jaxtune.run.folder import (
-    CHECKPOINTS, config_changes, prepare_run_dir, run_dir_of, write_run_config,
+    CHECKPOINTS, CONFIG, RunDir, config_changes, keep_previous_records, open_run_dir, run_dir_of,
+    write_run_config,
 )
 from jaxtune.run.progress import Progress
 from jaxtune.runlog import RunLog, Stopwatch
@@ -43,14 +52,16 @@ class Session:
     progress: Progress
     start_step: int
     resumed_from: Optional[int]
-    clock: Stopwatch = dataclasses.field(default_factory=Stopwatch)
+    clock: Stopwatch = dataclasses.field(default_factory=Stopwatch)  # training, over all sessions
+    started: float = dataclasses.field(default_factory=time.time)  # this session's start (epoch s)
+    opened: float = dataclasses.field(default_factory=time.perf_counter)  # the same, perf_counter
+
+    def session_s(self) -> float:
+        """Wall time of this session so far (loading included)."""
+        return time.perf_counter() - self.opened
 
     def say(self, msg: str) -> None:
         self.log.say(msg)
-
-    def meta(self) -> dict:
-        """The progress record as saved in a checkpoint (with the wall time so far)."""
-        return dataclasses.replace(self.progress, elapsed_s=self.clock.elapsed).to_json()
 
     def close(self) -> None:
         try:
@@ -67,34 +78,80 @@ def model_config_dict(model) -> dict:
     return config
 
 
+def check_metric_names(run: Run) -> None:
+    """Fail before training when train.metric or early_stopping.metric is not a metric."""
+    if not run.has_validation:
+        return
+    names = run.task.metric_names()
+    t = run.recipe.train
+    wanted = [("train.metric", t.metric)]
+    if t.early_stopping is not None:
+        wanted.append(("train.early_stopping.metric", t.early_stopping.metric))
+    for key, name in wanted:
+        if name not in names:
+            raise ConfigError(f"{key}: '{name}' is not a validation metric of this task; "
+                              f"choose one of {', '.join(names)}")
+
+
 def open_session(recipe, restart: bool = False) -> Session:
-    """Prepare the folder, build the run, restore or create its state; say what will happen."""
+    """Check and prepare the folder, build the run, restore or create its state; say what will
+    happen. On any failure (or interruption) before it returns, undo what it did to the folder."""
+    started, opened = time.time(), time.perf_counter()
     main = is_main_process()
     out = run_dir_of(recipe)
     recipe = replace(recipe, output_dir=str(out))
     notes: list[str] = []
-    resume = prepare_run_dir(out, restart, notes.append)
-    if main and resume:
-        changed = config_changes(out, recipe)
+    folder = open_run_dir(out, restart, notes.append)
+    try:
+        changed = config_changes(out, recipe) if main and folder.resume else []
         if changed:
             notes.append("note: the recipe differs from the run's config.yaml: " + "; ".join(changed))
-    for note in notes if main else ():
-        print(note, flush=True)
-    run = build(recipe)
-    ckpt = Checkpoints(out / CHECKPOINTS, recipe.checkpoint, metric=recipe.train.metric,
+        for note in notes if main else ():
+            print(note, flush=True)
+        session = _open(recipe, folder, bool(changed), time.strftime("%Y%m%d-%H%M%S", time.localtime(started)))
+    except BaseException:
+        for line in folder.undo():
+            print(line, flush=True)
+        raise
+    session.started, session.opened = started, opened
+    return session
+
+
+def _checkpoints(out: Path, recipe) -> Checkpoints:
+    return Checkpoints(out / CHECKPOINTS, recipe.checkpoint, metric=recipe.train.metric,
                        mode=recipe.train.metric_mode)
-    restored = ckpt.restore_latest(run.abstract, run.data.train_iterator) if resume else None
-    if resume and restored is None:
-        raise JaxtuneError(f"no checkpoint in {out / CHECKPOINTS} can be restored; pass --restart to start over")
-    if restored is not None:
-        state, iterator = restored.state, restored.iterator
-        progress, start = Progress.from_json(restored.meta), restored.step
-    else:
-        state = run.plan.create_state(run.params, run.optimizer, param_shardings=run.param_shardings,
-                                      rng=recipe.train.seed)
-        iterator, progress, start = run.data.train_iterator(), Progress(), 0
+
+
+def _open(recipe, folder: RunDir, changed: bool, stamp: str) -> Session:
+    out, resume, main = folder.path, folder.resume, is_main_process()
+    run = build(recipe)
+    check_metric_names(run)
+    ckpt = None
+    try:
+        if resume:
+            ckpt = _checkpoints(out, recipe)
+            restored = ckpt.restore_latest(run.abstract, run.data.train_iterator)
+            if restored is None:
+                raise JaxtuneError(f"no checkpoint in {out / CHECKPOINTS} can be restored; "
+                                   "pass --restart to start over")
+            state, iterator = restored.state, restored.iterator
+            progress, start = Progress.from_json(restored.meta), restored.step
+        else:
+            restored = None
+            state = run.plan.create_state(run.params, run.optimizer, param_shardings=run.param_shardings,
+                                          rng=recipe.train.seed)
+            iterator, progress, start = run.data.train_iterator(), Progress(), 0
+            ckpt = _checkpoints(out, recipe)  # creates checkpoints/: not before the state exists
+    except BaseException:
+        if ckpt is not None:
+            ckpt.close()
+        raise
     # only now: a checkpoint that does not fit must not lose the old records
+    kept = keep_previous_records(out, stamp) if changed else None
     write_run_config(out, recipe, model_config_dict(run.model))
+    if kept is not None:
+        print(f"kept the run's previous {CONFIG}" + (" and summary.json" if (kept / "summary.json").exists() else "")
+              + f" in {kept}", flush=True)
     log = RunLog(out, main=main, resume_step=start if restored else None, total_steps=run.total_steps,
                  log_every=recipe.train.log_every)
     session = Session(run, out, ckpt, log, state, iterator, progress, start,
@@ -129,4 +186,4 @@ def describe(s: Session) -> list[str]:
     return lines
 
 
-__all__ = ["Session", "describe", "model_config_dict", "open_session"]
+__all__ = ["Session", "check_metric_names", "describe", "model_config_dict", "open_session"]

@@ -1,5 +1,10 @@
 """SIGTERM / SIGINT during a run: finish the current step, save a checkpoint, return (exit 0).
 
+Before the loop (while the data and the model load) `jaxtune run` has its own handler
+(`jaxtune.cli.stop_during_startup`): it stops at once, as there is nothing to save. The loop's
+handlers replace it and, when the loop is over, put back the handlers that were there before it
+(a handler that carries `replaced`, a dict signal -> handler, hands those back).
+
 A second SIGINT aborts at once. With several JAX processes the stop step is agreed through JAX's
 preemption sync point (`multihost_utils.reached_preemption_sync_point`), so all hosts save the same
 step; there SIGINT is turned into the SIGTERM that JAX's preemption notifier listens to.
@@ -25,7 +30,8 @@ class StopSignal:
         signals = [signal.SIGINT] if multihost else [signal.SIGTERM, signal.SIGINT]
         for sig in signals:
             try:
-                self._old[sig] = signal.signal(sig, self._handle)
+                old = signal.signal(sig, self._handle)
+                self._old[sig] = getattr(old, "replaced", {}).get(sig, old)  # start-up is over
             except ValueError:  # not the main thread: no handlers, no graceful stop
                 pass
 
