@@ -195,7 +195,7 @@ def evaluate_path(path, *, data: Optional[str] = None, split: Optional[str] = No
     sh = jax.tree.map(lambda x: x.sharding, params)
     eval_step = plan.jit_eval_step(make_eval_step(make_eval_fn(loaded.model, task)), sh)
     batches = (plan.shard_batch(x) for x in d.eval_batches(split))
-    return what, d.num_examples[split], evaluate(eval_step, params, batches, task), loaded
+    return what, d.num_examples[split], evaluate(eval_step, params, batches, task, split=what), loaded
 
 
 # ---------------------------------------------------------------------------------------------

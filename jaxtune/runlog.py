@@ -153,12 +153,14 @@ class RunLog:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        # A full disk must not turn the error that stopped the run into a traceback here.
+        tb, f, self.tb, self._file = self.tb, self._file, None, None
+        for what, closer in (("tensorboard/", tb), (METRICS_FILE, f)):
+            if closer is not None:
+                try:
+                    closer.close()
+                except OSError as e:
+                    print(f"warning: could not finish {self.dir / what}: {e}", file=sys.stderr, flush=True)
 
 
 def plot_curves(run_dir, metric: Optional[str] = None) -> Optional[Path]:

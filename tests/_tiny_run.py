@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,19 @@ def cli(*args, env=None, timeout=240, **kw) -> subprocess.CompletedProcess:
 def popen(*args, env=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "jaxtune.cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def shared_tiny(tmp_path_factory):
+    """(recipe, env, reference run folder): the tiny assets, a JAX compilation cache and one
+    uninterrupted run, made once per test session and shared by test_checkpoint_damage,
+    test_kill_resume and test_failures (copy the run before changing it). make_assets rewrites
+    the same bytes each time, so every module's recipes name the same files."""
+    root = tmp_path_factory.getbasetemp() / "tiny-shared"
+    recipe = make_assets(root / "assets")
+    env = {"JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    ref = root / "reference"
+    if not (ref / "summary.json").is_file():
+        shutil.rmtree(ref, ignore_errors=True)
+        proc = cli("run", recipe(ref, name="reference"), env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return recipe, env, ref

@@ -30,25 +30,9 @@ import _tiny_run as tr
 TOTAL = 24  # the tiny recipe's train.steps; checkpoints kept at its end: 12 (best), 22, 24
 
 
-def shared_tiny(tmp_path_factory):
-    """(recipe, env, reference run folder): the tiny assets, a JAX compilation cache and one
-    uninterrupted run, made once per test session and shared by test_checkpoint_damage,
-    test_kill_resume and test_failures (copy the run before changing it). make_assets rewrites
-    the same bytes each time, so every module's recipes name the same files."""
-    root = tmp_path_factory.getbasetemp() / "tiny-shared"
-    recipe = tr.make_assets(root / "assets")
-    env = {"JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    ref = root / "reference"
-    if not (ref / "summary.json").is_file():
-        shutil.rmtree(ref, ignore_errors=True)
-        proc = tr.cli("run", recipe(ref, name="reference"), env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return recipe, env, ref
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return shared_tiny(tmp_path_factory)
+    return tr.shared_tiny(tmp_path_factory)
 
 
 def state_arrays(step_dir) -> dict:

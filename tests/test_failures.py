@@ -88,22 +88,6 @@ CASES = [
 ]
 
 
-def shared_tiny(tmp_path_factory):
-    """(recipe, env, reference run folder): the tiny assets, a JAX compilation cache and one
-    uninterrupted run, made once per test session and shared by test_checkpoint_damage,
-    test_kill_resume and test_failures (copy the run before changing it). make_assets rewrites
-    the same bytes each time, so every module's recipes name the same files."""
-    root = tmp_path_factory.getbasetemp() / "tiny-shared"
-    recipe = tr.make_assets(root / "assets")
-    env = {"JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    ref = root / "reference"
-    if not (ref / "summary.json").is_file():
-        shutil.rmtree(ref, ignore_errors=True)
-        proc = tr.cli("run", recipe(ref, name="reference"), env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return recipe, env, ref
-
-
 def bad_files(t: Path, assets: Path) -> None:
     (t / "no_task.yaml").write_text("model: {path: x}\n")
     (t / "bad_yaml.yaml").write_text("task: sequence-classification\nmodel: [path\n")
@@ -140,7 +124,7 @@ def tree_hash(folder: Path) -> str:
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
-    recipe_of, env, ref = shared_tiny(tmp_path_factory)
+    recipe_of, env, ref = tr.shared_tiny(tmp_path_factory)
     root = tmp_path_factory.mktemp("failures")
     run, dmg, t = root / "run", root / "dmg", root / "bad"
     shutil.copytree(ref, run)

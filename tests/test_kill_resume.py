@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import _tiny_run as tr
 from jaxtune.runlog import TIMING_KEYS, read_metrics
@@ -34,22 +32,6 @@ TOTAL = 24  # the tiny recipe: train.steps 24, eval_every 6, checkpoint.every 2,
 EVALS = (6, 12, 18, 24)
 TMP = "orbax-checkpoint-tmp"
 DELAY = {"step": 0.3, "save": 0.02, "eval": 0.05, "final": 2.0}  # the kill comes this many seconds at most after the moment
-
-
-def shared_tiny(tmp_path_factory):
-    """(recipe, env, reference run folder): the tiny assets, a JAX compilation cache and one
-    uninterrupted run, made once per test session and shared by test_checkpoint_damage,
-    test_kill_resume and test_failures (copy the run before changing it). make_assets rewrites
-    the same bytes each time, so every module's recipes name the same files."""
-    root = tmp_path_factory.getbasetemp() / "tiny-shared"
-    recipe = tr.make_assets(root / "assets")
-    env = {"JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    ref = root / "reference"
-    if not (ref / "summary.json").is_file():
-        shutil.rmtree(ref, ignore_errors=True)
-        proc = tr.cli("run", recipe(ref, name="reference"), env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return recipe, env, ref
 
 
 def state_arrays(step_dir) -> dict:
@@ -121,7 +103,7 @@ def steady(lines):
 
 
 def test_20_kill_9_at_random_moments_each_resumed_ends_with_the_same_bits(tmp_path_factory, tmp_path):
-    recipe, env, ref = shared_tiny(tmp_path_factory)
+    recipe, env, ref = tr.shared_tiny(tmp_path_factory)
     seed = int(os.environ.get("JAXTUNE_KILL_SEED", random.randrange(1 << 30)))
     print(f"JAXTUNE_KILL_SEED={seed}")
     rng = random.Random(seed)

@@ -128,7 +128,7 @@ def evaluation_due(run: Run, step: int) -> bool:
 
 def run_eval(run: Run, eval_step, state, split: str) -> dict:
     batches = (run.plan.shard_batch(b) for b in run.data.eval_batches(split))
-    return evaluate(eval_step, state, batches, run.task)
+    return evaluate(eval_step, state, batches, run.task, split=f"{split} split")
 
 
 def evaluate_if_due(s: Session, eval_step, state, step: int, window: Window) -> Optional[dict]:

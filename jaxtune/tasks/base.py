@@ -11,7 +11,7 @@ any data is seen), and how a trained model predicts from raw inputs (`predict`, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import jax
 import jax.numpy as jnp

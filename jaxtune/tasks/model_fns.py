@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Optional
 
 from jaxtune.errors import JaxtuneError
@@ -54,15 +55,26 @@ def make_eval_fn(model, task: Optional[str | Task] = None) -> Callable:
     return eval_fn
 
 
-def evaluate(eval_step: Callable, state, batches: Iterable, task: Task) -> dict:
+class NonFiniteMetric(JaxtuneError):
+    """An evaluation gave NaN or infinity: never reported as a result."""
+
+    exit_code = 1
+
+
+def evaluate(eval_step: Callable, state, batches: Iterable, task: Task, split: str = "split") -> dict:
     """Metrics over a whole split: sum `eval_step(state, batch)` over every batch, then
-    `task.metrics`. Padding examples must carry weight 0; no batch is dropped."""
+    `task.metrics`. Padding examples must carry weight 0; no batch is dropped. A non-finite
+    metric raises NonFiniteMetric (naming `split`) instead of passing as a number."""
     totals = None
     for batch in batches:
         totals = add_totals(totals, eval_step(state, batch))
     if totals is None:
-        raise JaxtuneError("evaluate: the split has no batches")
-    return task.metrics(totals)
+        raise JaxtuneError(f"evaluate: the {split} has no batches")
+    metrics = task.metrics(totals)
+    bad = [f"{k} {v}" for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteMetric(f"the {split}'s {', '.join(bad)}: not finite; no result written")
+    return metrics
 
 
-__all__ = ["evaluate", "make_eval_fn", "make_loss_fn", "task_of"]
+__all__ = ["NonFiniteMetric", "evaluate", "make_eval_fn", "make_loss_fn", "task_of"]
