@@ -84,7 +84,8 @@ def without_dac_override() -> list[str]:
     if os.geteuid() != 0:
         return []
     if not shutil.which("setpriv"):
-        pytest.skip("running as root without setpriv: permissions cannot be tested")
+        pytest.fail("running as root without setpriv (util-linux, essential on Debian): root ignores "
+                    "file permissions, so this test cannot drop that power; install util-linux")
     return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
 
 
