@@ -213,13 +213,17 @@ def export_cmd(run_dir, out_dir, which, step):
 @click.option("--top-p", type=float, default=None,
               help="Causal LM, --sample: nucleus mass to keep (default 1.0: all).")
 @click.option("--seed", type=int, default=None, help="Causal LM, --sample: random seed (default 0).")
+@click.option("--raw", is_flag=True,
+              help="Causal LM: feed each prompt as plain text, not as a user message in the tokenizer's chat template.")
 @user_errors
-def predict_cmd(model_dir, inputs, as_json, max_new_tokens, sample, temperature, top_k, top_p, seed):
+def predict_cmd(model_dir, inputs, as_json, max_new_tokens, sample, temperature, top_k, top_p, seed, raw):
     """Predict with MODEL_DIR (an HF folder or a run folder) for each INPUT.
 
     Classifiers print the label with its probability, then the runners-up; token classifiers
     print word/TAG for each whitespace-separated word; causal LMs print "prompt" -> "generated".
     INPUTs are texts for text models (prompts for causal LMs) and image paths for image models.
+    A causal LM whose tokenizer has a chat template gets each prompt as a one-turn user message
+    in it (with the generation prompt) and prints the reply; --raw feeds the prompt as it is.
 
     \b
     jaxtune predict runs/quickstart "what a great day"
@@ -236,13 +240,14 @@ def predict_cmd(model_dir, inputs, as_json, max_new_tokens, sample, temperature,
                   "seed": seed}
     given = [f"--{k.replace('_', '-')}" for k, v in generation.items() if v is not None]
     given += ["--sample"] if sample else []
-    sampling_only = [o for o in given if o not in ("--max-new-tokens", "--sample")]
+    given += ["--raw"] if raw else []
+    sampling_only = [o for o in given if o not in ("--max-new-tokens", "--sample", "--raw")]
     if sampling_only and not sample:
         raise JaxtuneError(f"{', '.join(sampling_only)} only apply with --sample")
     loaded = load(model_dir)
     task = loaded.task_object()
-    options = {k: v for k, v in {**generation, "do_sample": sample}.items()
-               if k in task.predict_options and (v is not None or k == "do_sample")}
+    options = {k: v for k, v in {**generation, "do_sample": sample, "chat_template": not raw}.items()
+               if k in task.predict_options and (v is not None or k in ("do_sample", "chat_template"))}
     if given and not options:
         generating = [t for t in TASKS if "do_sample" in task_module(t).make().predict_options]
         raise JaxtuneError(f"{', '.join(given)}: generation options apply to {', '.join(generating)} models, "

@@ -69,6 +69,15 @@ class DataConfig:
     image_column: str = "image"
     prompt_column: Optional[str] = None  # causal-lm pairs: loss only on the response
     response_column: Optional[str] = None
+    # causal-lm: prompt / response built from any columns, str.format style ("Sentiment?\n{text}")
+    prompt_template: Optional[str] = None
+    response_template: Optional[str] = None
+    # causal-lm: a column of conversations, [{role, content}, ...] (CSV/TSV: a JSON string of it),
+    # rendered with the tokenizer's chat template; loss on the assistant replies
+    messages_column: Optional[str] = None
+    # auto: render prompt/response pairs as a one-turn chat when the tokenizer has a chat template;
+    # none: plain prompt + response + EOS (messages_column needs the template)
+    chat_template: Literal["auto", "none"] = "auto"
     max_length: int = 128
     buckets: Optional[list[int]] = None  # padded lengths; None: powers of two up to max_length
     pack: bool = False  # causal-lm: pack short examples into full sequences

@@ -42,7 +42,9 @@ Batches are dicts of numpy arrays with a fixed leading size b = batch_size / sha
 - token-classification: the same inputs; labels int32 (b, T), -100 where no loss (later
   sub-tokens of a word, special tokens, padding)
 - causal-lm: input_ids, attention_mask, labels int32 (b, T) = input ids with -100 on prompt
-  tokens and padding (the loss shifts)
+  tokens and padding (the loss shifts); conversations (data.messages_column) and, with the
+  tokenizer's chat template, prompt/response pairs are rendered with that template and carry the
+  loss on the assistant replies only (`jaxtune.data.chat`; build_data passes the tokenizer on)
 - causal-lm with data.pack: rows of T = max_length holding several examples each, plus
   segment_ids (1, 2, ... per example, 0 on padding) and position_ids (restarting per example)
   int32 (b, T); train.batch_size then counts rows, and steps_per_epoch = ceil(rows / batch_size).

@@ -8,7 +8,8 @@ validation/test from train when they are not given, and writes the result with a
                                                    local_data/1.0.0/ (the TFDS dataset)
 
 The fingerprint covers the content of every file (for image folders: names, sizes and
-modification times) and every option that changes the result, so a later run with the same
+modification times) and every option that changes the result (the schema's repr holds the columns,
+causal-lm's text templates and the tokenizer's chat template text and special tokens), so a later run with the same
 inputs reuses the folder and a changed file or option builds a new one. Folders are written under
 a temporary name and renamed when complete, so an interrupted or concurrent build never leaves a
 half-written dataset behind.
@@ -160,7 +161,7 @@ def _features(schema: Schema, problem: Optional[str], names, tables: dict[str, T
     elif schema.kind == "tokens":
         d = {"tokens": F.Sequence(F.Text()), "tags": F.Sequence(F.ClassLabel(names=names))}
     elif schema.kind == "lm":
-        d = {k: F.Text() for k in schema.text_keys}
+        d = {k: F.Tensor(shape=(None,), dtype=np.int64) if k == "spans" else F.Text() for k in schema.stored}
     else:
         first = tables["train"].rows[0]["image"]
         if isinstance(first, np.ndarray):  # IDX: raw pixels, no PNG round trip
@@ -208,7 +209,7 @@ def _build(final: Path, specs, schema: Schema, cfg, held: dict[str, float], dedu
         "label_names": names,
         "problem_type": problem,
         "num_examples": {s: len(r) for s, r in rows.items()},
-        "columns": [k for k, _ in schema.columns],
+        "columns": list(schema.stored),
         "specs": {s: spec.text for s, spec in specs.items()},
         "report": DataReport(t.report for t in tables.values()).to_json(),
         "notes": notes,

@@ -239,13 +239,19 @@ class Data:
         return f"Data({self.num_examples}, batch_size={self.batch_size}, shard {self.shard_index}/{self.shard_count})"
 
 
-def prepare(cfg, task: str, *, cache_dir=None, problem_type: Optional[str] = None) -> Prepared:
-    """Read (and for local files convert, once) the splits of `cfg`; no tokenizer needed."""
-    schema = make_schema(cfg, task, problem_type)
+def prepare(cfg, task: str, *, cache_dir=None, problem_type: Optional[str] = None, tokenizer=None) -> Prepared:
+    """Read (and for local files convert, once) the splits of `cfg`. The tokenizer is needed only
+    for causal-lm chat data (its chat template renders the rows: `jaxtune.data.chat`)."""
+    schema = make_schema(cfg, task, problem_type, tokenizer)
     if not cfg.train:
         raise DataError("data.train is required (a data spec such as csv:train.csv or tfds:NAME)")
     specs = {role: parse_spec(getattr(cfg, role), role) for role in ROLES if getattr(cfg, role)}
     root = Path(cache_dir or cfg.cache_dir or default_cache_dir()).expanduser()
+    tfds_specs = [s.text for s in specs.values() if s.kind == "tfds"]
+    if tfds_specs and schema.kind == "lm" and (schema.chat is not None or schema.templates):
+        what = "the chat template" if schema.chat is not None else "data.prompt_template / data.response_template"
+        raise DataError(f"{tfds_specs[0]}: rendering with {what} reads local files (csv:, tsv:, jsonl:); "
+                        "for prompt/response pairs from TFDS set data.chat_template=none")
     if all(s.kind == "tfds" for s in specs.values()):
         prepared = open_tfds(specs, schema, cfg, root)
     else:
@@ -277,8 +283,8 @@ def build_data(cfg, task: str, *, tokenizer=None, image_processor=None, batch_si
             raise ConfigError(f"data.{k} must be >= 0, got {getattr(cfg, k)}")
     if cfg.prefetch < 1:
         raise ConfigError(f"data.prefetch must be >= 1, got {cfg.prefetch}")
-    prepared = prepare(cfg, task, cache_dir=cache_dir, problem_type=problem_type)
-    schema = make_schema(cfg, task, problem_type)
+    prepared = prepare(cfg, task, cache_dir=cache_dir, problem_type=problem_type, tokenizer=tokenizer)
+    schema = make_schema(cfg, task, problem_type, tokenizer)
     buckets = None
     if schema.kind == "image":
         settings = ImageSettings.from_any(image_processor).with_size(cfg.image_size)

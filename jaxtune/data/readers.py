@@ -9,6 +9,10 @@ Policy for problems:
 - CSV and TSV quotes are read as pandas and Python's csv module read them by default
   (`data.quoting: minimal`: a quoted field may hold delimiters, line breaks and "" for a quote);
   `data.quoting: none` reads quotes as plain text, for files with bare quotes.
+- Causal-lm rows are built here: prompt/response templates are filled and conversations (and,
+  with a chat template, prompt/response pairs) are rendered (`jaxtune.data.chat`); a conversation
+  or template that cannot be rendered is a bad row like an unparseable one. An empty response
+  (prompts may be empty) drops the row as an empty text.
 - Rows with an empty text or no label are dropped and counted; rows with suspicious but usable
   content (control characters from a wrong encoding, line breaks inside a text) are kept and
   counted as notes. Nothing is dropped silently.
@@ -31,8 +35,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from jaxtune.data.chat import RowError, one_turn, parse_messages
 from jaxtune.data.report import FileReport
-from jaxtune.data.schema import OPTION, Schema
+from jaxtune.data.schema import COLUMN, OPTION, Schema
 from jaxtune.data.specs import Spec
 from jaxtune.errors import DataError
 
@@ -51,8 +56,7 @@ class Table:
     report: FileReport = None
 
 
-class _Bad(Exception):
-    """A row that cannot be used: message without file/line (added by the caller)."""
+_Bad = RowError  # a row that cannot be used: message without file/line (added by the caller)
 
 
 def read_table(spec: Spec, schema: Schema, cfg, split: str) -> Table:
@@ -126,6 +130,12 @@ def _read_text_file(path: Path, cfg, report: FileReport) -> str:
 
 def _missing_column(path, key, schema: Schema, found) -> DataError:
     col = schema.column[key]
+    if key.startswith(COLUMN):
+        t = schema.template_of(col)
+        return DataError(
+            f"{path}: data.{t.option} {t.text!r} names column '{col}', which the file does not have; "
+            f"columns found: {', '.join(map(str, found)) or 'none'}"
+        )
     return DataError(
         f"{path}: no column '{col}' (data.{OPTION[key]}); columns found: {', '.join(map(str, found)) or 'none'}"
     )
@@ -265,6 +275,17 @@ def _label_str(v) -> str:
 def _add(table: Table, schema: Schema, cfg, path, line: int, raw: dict) -> None:
     """Convert one row to canonical form; drop it (reported) when empty; note oddities."""
     report = table.report
+    if schema.kind == "lm":
+        try:
+            row, texts = _lm_row(raw, schema)
+        except _Bad as e:
+            _bad_row(table, cfg, path, line, str(e))
+            return
+        if row is None:
+            report.drop("empty text", line)
+            return
+        _keep(table, schema, line, row, texts, breaks="messages" not in raw)
+        return
     try:
         if schema.kind == "tokens":
             row = {"tokens": _as_words(raw["tokens"]), "tags": _as_words(raw["tags"])}
@@ -276,11 +297,8 @@ def _add(table: Table, schema: Schema, cfg, path, line: int, raw: dict) -> None:
             texts = row["tokens"]
         else:
             row = {k: (_as_label(v, schema) if k == "label" else _as_text(v)) for k, v in raw.items()}
-            if "prompt" in row:
-                row["prompt"] = row["prompt"] or ""  # a prompt may be empty
             texts = [row[k] for k in schema.text_keys]
-            required = [row[k] for k in schema.text_keys if k != "prompt"]
-            if any(t is None or not t.strip() for t in required):
+            if any(t is None or not t.strip() for t in texts):
                 report.drop("empty text", line)
                 return
             if "label" in row and row["label"] is None:  # an empty list is a multi-label "none"
@@ -289,10 +307,40 @@ def _add(table: Table, schema: Schema, cfg, path, line: int, raw: dict) -> None:
     except _Bad as e:
         _bad_row(table, cfg, path, line, str(e))
         return
+    _keep(table, schema, line, row, texts, breaks=schema.kind != "tokens")
+
+
+def _lm_row(raw: dict, schema: Schema) -> tuple[dict | None, list[str]]:
+    """A causal-lm row in stored form (None: nothing to learn, dropped as empty) and the source
+    texts it came from (for the report's notes). Chat rows are rendered here."""
+    if "messages" in raw:
+        messages = parse_messages(raw["messages"])
+        text, spans = schema.chat.render(messages)
+        return {"text": text, "spans": spans}, [m["content"] for m in messages]
+    if "text" in raw:
+        text = _as_text(raw["text"])
+        return ({"text": text} if text is not None and text.strip() else None), [text or ""]
+    values = {k[len(COLUMN):]: _as_text(v) or "" for k, v in raw.items() if k.startswith(COLUMN)}
+    pair = {k: _as_text(raw[k]) for k in ("prompt", "response") if k in raw}
+    texts = [v or "" for v in pair.values()] + list(values.values())  # as read, before templates
+    for k, t in schema.templates:
+        pair[k] = t.fill(values)
+    prompt, response = pair["prompt"] or "", pair["response"]
+    if response is None or not response.strip():
+        return None, texts
+    if schema.chat is None:
+        return {"prompt": prompt, "response": response}, texts
+    text, spans = schema.chat.render(one_turn(prompt, response))
+    return {"text": text, "spans": spans}, texts
+
+
+def _keep(table: Table, schema: Schema, line: int, row: dict, texts: list, breaks: bool) -> None:
+    """Add a converted row, noting oddities (C1 control characters, line breaks in a text)."""
+    report = table.report
     joined = "\n".join(t or "" for t in texts) if schema.kind == "tokens" else "".join(t or "" for t in texts)
     if _C1.search(joined):
         report.note("rows with C1 control characters (bytes of another encoding?)", line)
-    if schema.kind != "tokens" and _BREAK.search(joined):
+    if breaks and _BREAK.search(joined):
         report.note("rows with line breaks inside a text", line)
     table.rows.append(row)
     table.lines.append(line)
@@ -340,7 +388,7 @@ def _read_image_folder(root: Path, cfg, table: Table) -> None:
             data = f.read_bytes()
             try:
                 check_image(data, f)
-            except DataError as e:
+            except DataError:
                 if not cfg.skip_bad_rows:
                     raise
                 table.report.drop(f"undecodable images (e.g. {f.name})")

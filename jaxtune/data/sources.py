@@ -29,7 +29,7 @@ def _canonical(key: str, v):
         return _text(v)
     if key == "tokens":
         return [_text(w) for w in v]
-    if key == "tags":
+    if key in ("tags", "spans"):
         return np.asarray(v, np.int64).reshape(-1)
     if key == "label":
         a = np.asarray(v)

@@ -12,6 +12,9 @@ Outputs by kind (B examples, T = bucket length):
           word, -100 on later sub-tokens, special tokens and padding
 - lm:     input_ids, attention_mask; labels int32 (B, T) = input_ids, -100 on prompt tokens (when
           prompt/response columns are given) and padding. No shift: the loss shifts.
+          Rows rendered with a chat template (`text` + `spans`, `jaxtune.data.chat`) are tokenized
+          as rendered (the template adds any BOS itself); labels are the tokens overlapping the
+          spans (the assistant replies, each through its end-of-turn marker), -100 elsewhere.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from transformers import AutoTokenizer
 
 from jaxtune.errors import DataError, ModelLoadError
 from jaxtune.models.hf import VOCABULARY_FILES, resolve_model_dir
+from jaxtune.models.gguf import is_gguf, load_tokenizer as gguf_tokenizer
 from jaxtune.paths import resolve_path
 
 IGNORE = -100
@@ -63,7 +67,10 @@ def bucket_for(n: int, buckets: Sequence[int]) -> int:
 def load_tokenizer(path: str):
     """The fast tokenizer of a model folder (path may be pkg:PACKAGE/path or a cached hub id),
     offline. The folder must hold a vocabulary (tokenizer.json, vocab.txt, ...): from config.json
-    alone transformers would build an empty tokenizer that reads every word as [UNK]."""
+    alone transformers would build an empty tokenizer that reads every word as [UNK]. A `.gguf`
+    file's tokenizer comes from its metadata (`jaxtune.models.gguf.load_tokenizer`)."""
+    if is_gguf(path):
+        return gguf_tokenizer(resolve_model_dir(path))
     folder = resolve_path(path)
     if not folder.is_dir():  # a hub id in the HF cache, or a one-line error naming the path
         folder = resolve_model_dir(path)
@@ -78,6 +85,17 @@ def load_tokenizer(path: str):
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise DataError(f"cannot load a tokenizer from {folder}: {first}") from None
     return tok
+
+
+def token_labels(ids, offsets, spans) -> list[int]:
+    """Labels for tokens `ids` with character `offsets`: the id where a token overlaps one of the
+    character `spans` ([start, end, start, end, ...]), IGNORE elsewhere.
+
+    >>> token_labels([5, 6, 7, 8], [(0, 3), (3, 5), (5, 9), (9, 10)], [4, 9])
+    [-100, 6, 7, -100]
+    """
+    pairs = list(zip(spans[0::2], spans[1::2]))
+    return [int(t) if any(s < b and e > a for a, b in pairs) else IGNORE for t, (s, e) in zip(ids, offsets)]
 
 
 def _pad_id(tok) -> int:
@@ -125,7 +143,15 @@ class TextEncoder:
                     prev = w
                 out.append((ids, tt[i] if tt else None, labels))
             return out
+        if examples and "spans" in examples[0]:
+            return self._chat(examples)
         return [self._lm(e) for e in examples]
+
+    def _chat(self, examples: Sequence[dict]) -> list[tuple]:
+        enc = self.tok([e["text"] for e in examples], add_special_tokens=False, truncation=True,
+                       max_length=self.max_length, return_offsets_mapping=True)
+        return [(ids, None, token_labels(ids, enc["offset_mapping"][i], e["spans"]))
+                for i, (ids, e) in enumerate(zip(enc["input_ids"], examples))]
 
     def _lm(self, e: dict) -> tuple:
         eos = self.tok.eos_token_id

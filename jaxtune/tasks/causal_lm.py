@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxtune.data.chat import ChatFormat
 from jaxtune.data.packing import pack_examples  # re-exported: packed rows for this task's loss
 from jaxtune.data.text import IGNORE
 from jaxtune.errors import DataError, JaxtuneError
@@ -67,7 +68,7 @@ class CausalLM(Task):
     head: str = NAME
     data_kind: ClassVar[str] = "lm"
     predict_options: ClassVar[tuple[str, ...]] = ("max_new_tokens", "do_sample", "temperature", "top_k",
-                                                  "top_p", "seed")
+                                                  "top_p", "seed", "chat_template")
     average: str = "token"
 
     def __post_init__(self):
@@ -127,11 +128,15 @@ class CausalLM(Task):
 
     def predict(self, loaded, prompts: Sequence[str], *, max_new_tokens: Optional[int] = None,
                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                seed: int = 0) -> list[dict]:
+                seed: int = 0, chat_template: bool = True) -> list[dict]:
         """Generate after each prompt (all in one batch), with the KV cache.
 
-        A prompt is tokenized as training tokenized prompts (with the tokenizer's special tokens,
-        e.g. a BOS it adds); an empty prompt starts from the BOS token. Greedy unless `do_sample`.
+        When the tokenizer has a chat template (and `chat_template`, the default), a prompt is a
+        one-turn user message rendered with it and its generation prompt (as training rendered
+        prompt/response pairs), tokenized as rendered; `generated` is then the reply alone.
+        Otherwise (`chat_template=False`, `jaxtune predict --raw`) a prompt is tokenized as
+        training tokenized plain prompts (with the tokenizer's special tokens, e.g. a BOS it adds);
+        an empty prompt starts from the BOS token. Greedy unless `do_sample`.
         `max_new_tokens` None: up to 50, fewer when the model's positions run out.
         Returns per prompt: input, generated (decoded new text, special tokens skipped), tokens
         (new token ids, EOS included) and stopped ('eos' or 'length').
@@ -139,8 +144,12 @@ class CausalLM(Task):
         tok = tokenizer_of(loaded)
         config = loaded.model.config
         bos = tok.bos_token_id if tok.bos_token_id is not None else getattr(config, "bos_token_id", None)
+        chat = ChatFormat.of(tok) if chat_template else None
         encoded = []
         for p in prompts:
+            if chat is not None:
+                encoded.append(list(tok(chat.prompt(p), add_special_tokens=False)["input_ids"]))
+                continue
             ids = list(tok(p)["input_ids"])
             if not ids:
                 if bos is None:
