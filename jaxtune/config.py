@@ -78,6 +78,9 @@ class DataConfig:
     # auto: render prompt/response pairs as a one-turn chat when the tokenizer has a chat template;
     # none: plain prompt + response + EOS (messages_column needs the template)
     chat_template: Literal["auto", "none"] = "auto"
+    # causal-lm prompt/response pairs rendered as a chat: a system message before each pair
+    # (None: whatever the template does without one, e.g. SmolLM2's default system prompt)
+    system_prompt: Optional[str] = None
     max_length: int = 128
     buckets: Optional[list[int]] = None  # padded lengths; None: powers of two up to max_length
     pack: bool = False  # causal-lm: pack short examples into full sequences

@@ -12,8 +12,9 @@ MODEL: a GGUF file, an HF folder or a jaxtune run folder (its best checkpoint). 
   greedy decoding answers; 0 when the model starts with anything else).
 
 Both with macro-F1 over the choices. The choices are the distinct values of the label column
-(or `--choices a,b,c`); their first tokens after the prompt must differ. Prompts are padded on
-the left and batched by length (one compile per length bucket of 16 tokens).
+(or `--choices a,b,c`); their first tokens after the prompt must differ. `--system` puts a system
+message first, as `data.system_prompt` does in training (a run folder's is the default). Prompts
+are padded on the left and batched by length (one compile per length bucket of 16 tokens).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.data.chat import ChatFormat
 from jaxtune.errors import JaxtuneError
 from jaxtune.models import merge, split
 
@@ -50,7 +52,8 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> float:
 
 
 def load_model(path: str):
-    """(model, tokenizer) of a run folder, an HF folder or a GGUF file, causal-LM head."""
+    """(model, tokenizer, the run recipe's data.system_prompt) of a run folder, an HF folder or a
+    GGUF file, causal-LM head."""
     from jaxtune import inference
     from jaxtune.data.text import load_tokenizer
     from jaxtune.models import from_pretrained
@@ -58,16 +61,16 @@ def load_model(path: str):
 
     if is_run_dir(Path(path)):
         loaded = inference.load(path)
-        return loaded.model, load_tokenizer(loaded.tokenizer_dir)
-    return from_pretrained(path, task="causal-lm"), load_tokenizer(path)
+        return loaded.model, load_tokenizer(loaded.tokenizer_dir), loaded.recipe.data.system_prompt
+    return from_pretrained(path, task="causal-lm"), load_tokenizer(path), None
 
 
-def render(tokenizer, prompt: str) -> list[int]:
-    """The prompt's token ids, ending where the model's answer starts."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+def render(tokenizer, prompt: str, system: str | None = None) -> list[int]:
+    """The prompt's token ids, ending where the model's answer starts: rendered as a one-turn chat
+    (after `system`) as jaxtune renders training pairs, when the tokenizer has a chat template."""
+    chat = ChatFormat.of(tokenizer, system)
+    if chat is not None:
+        return tokenizer(chat.prompt(prompt), add_special_tokens=False)["input_ids"]
     return tokenizer(prompt)["input_ids"]
 
 
@@ -101,11 +104,11 @@ def next_token_logits_fn(model):
 
 
 def evaluate(model, tokenizer, rows: list[dict], prompt_template: str, label_column: str,
-             choices: list[str] | None = None, batch_size: int = 32) -> dict:
+             choices: list[str] | None = None, batch_size: int = 32, system: str | None = None) -> dict:
     choices = choices or sorted({str(r[label_column]) for r in rows})
     index = {c: i for i, c in enumerate(choices)}
     try:
-        prompts = [render(tokenizer, prompt_template.format(**r)) for r in rows]
+        prompts = [render(tokenizer, prompt_template.format(**r), system) for r in rows]
     except KeyError as e:
         raise JaxtuneError(f"--prompt-template names column {e}, which the rows lack "
                            f"(they have: {', '.join(rows[0])})") from None
@@ -163,6 +166,8 @@ def main(argv=None) -> int:
     p.add_argument("data", type=Path, help="a JSONL file of rows")
     p.add_argument("--prompt-template", required=True, help="str.format template over the row's columns")
     p.add_argument("--label-column", required=True)
+    p.add_argument("--system", help="a system message before each prompt (default: a run folder's "
+                   "data.system_prompt, else none)")
     p.add_argument("--choices", help="comma-separated labels (default: the distinct labels in the data)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--limit", type=int, help="only the first N rows")
@@ -171,9 +176,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         rows = read_jsonl(args.data)[:args.limit]
-        model, tokenizer = load_model(args.model)
+        model, tokenizer, run_system = load_model(args.model)
+        system = args.system if args.system is not None else run_system
         result = evaluate(model, tokenizer, rows, args.prompt_template.replace("\\n", "\n"), args.label_column,
-                          args.choices.split(",") if args.choices else None, args.batch)
+                          args.choices.split(",") if args.choices else None, args.batch, system)
     except JaxtuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

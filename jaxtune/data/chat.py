@@ -139,9 +139,10 @@ class ChatFormat:
     special_tokens: tuple[tuple[str, str], ...]  # the tokenizer's special tokens (bos_token, ...)
     markers: tuple[str, ...]  # special token texts; the first after a reply ends its loss span
     tokenizer: Any = field(default=None, repr=False, compare=False)
+    system: Optional[str] = None  # a system message before each one-turn prompt (data.system_prompt)
 
     @classmethod
-    def of(cls, tokenizer) -> Optional["ChatFormat"]:
+    def of(cls, tokenizer, system: Optional[str] = None) -> Optional["ChatFormat"]:
         """The tokenizer's chat format, None when it has no chat template."""
         template = getattr(tokenizer, "chat_template", None)
         if not template:
@@ -152,7 +153,12 @@ class ChatFormat:
         markers = {str(t) for t in tokenizer.all_special_tokens}
         markers |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
         return cls(str(template), tuple(sorted(specials.items())), tuple(sorted(markers, key=lambda t: (-len(t), t))),
-                   tokenizer)
+                   tokenizer, system)
+
+    def one_turn(self, prompt: str, response: Optional[str] = None) -> list[dict]:
+        """[system,] user prompt[, assistant response] as messages."""
+        head = [{"role": "system", "content": self.system}] if self.system is not None else []
+        return head + (one_turn(prompt, response) if response is not None else [{"role": "user", "content": prompt}])
 
     def apply(self, messages: list[dict], generation_prompt: bool) -> str:
         try:
@@ -207,7 +213,7 @@ class ChatFormat:
     def prompt(self, text: str) -> str:
         """A one-turn user prompt with the generation prompt (what `jaxtune predict` feeds)."""
         try:
-            return self.apply([{"role": "user", "content": text}], True)
+            return self.apply(self.one_turn(text), True)
         except RowError as e:
             raise DataError(str(e)) from None
 

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from jaxtune.data.chat import RowError, one_turn, parse_messages
+from jaxtune.data.chat import RowError, parse_messages
 from jaxtune.data.report import FileReport
 from jaxtune.data.schema import COLUMN, OPTION, Schema
 from jaxtune.data.specs import Spec
@@ -330,7 +330,7 @@ def _lm_row(raw: dict, schema: Schema) -> tuple[dict | None, list[str]]:
         return None, texts
     if schema.chat is None:
         return {"prompt": prompt, "response": response}, texts
-    text, spans = schema.chat.render(one_turn(prompt, response))
+    text, spans = schema.chat.render(schema.chat.one_turn(prompt, response))
     return {"text": text, "spans": spans}, texts
 
 

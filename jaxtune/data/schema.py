@@ -86,8 +86,13 @@ def lm_schema(cfg, tokenizer=None) -> Schema:
     mode = getattr(cfg, "chat_template", "auto")
     if mode not in ("auto", "none"):
         raise DataError(f"data.chat_template: {mode!r} is not one of auto, none")
-    chat = ChatFormat.of(tokenizer) if tokenizer is not None and mode == "auto" else None
+    system = getattr(cfg, "system_prompt", None)
+    chat = ChatFormat.of(tokenizer, system) if tokenizer is not None and mode == "auto" else None
     messages = getattr(cfg, "messages_column", None)
+    if system is not None and (messages or chat is None):
+        why = ("conversations carry their own system messages" if messages else
+               "data.chat_template is none" if mode == "none" else "the model's tokenizer has no chat template")
+        raise DataError(f"data.system_prompt applies to prompt/response pairs rendered as a chat, and {why}")
     sides = {"prompt": (cfg.prompt_column, getattr(cfg, "prompt_template", None)),
              "response": (cfg.response_column, getattr(cfg, "response_template", None))}
     if messages:
@@ -103,6 +108,8 @@ def lm_schema(cfg, tokenizer=None) -> Schema:
         if c and t:
             raise DataError(f"data.{k}_column and data.{k}_template both give the {k}; set one")
     if not any(c or t for c, t in sides.values()):
+        if system is not None:
+            raise DataError("data.system_prompt applies to prompt/response pairs; this recipe reads plain text")
         return Schema("lm", (("text", cfg.text_column),))
     if not all(c or t for c, t in sides.values()):
         raise DataError("causal-lm: set both data.prompt_column and data.response_column, or neither "

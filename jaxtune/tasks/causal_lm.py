@@ -144,7 +144,9 @@ class CausalLM(Task):
         tok = tokenizer_of(loaded)
         config = loaded.model.config
         bos = tok.bos_token_id if tok.bos_token_id is not None else getattr(config, "bos_token_id", None)
-        chat = ChatFormat.of(tok) if chat_template else None
+        # a run's recipe may give the system prompt it trained with (data.system_prompt)
+        system = getattr(getattr(loaded.recipe, "data", None), "system_prompt", None)
+        chat = ChatFormat.of(tok, system) if chat_template else None
         encoded = []
         for p in prompts:
             if chat is not None:

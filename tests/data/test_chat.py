@@ -162,6 +162,28 @@ def test_bad_rows_in_csv_and_skipping(assets, cfg, tmp_path, write_csv):
     assert data.num_examples == {"train": 4} and "unparseable rows" in data.summary()
 
 
+def test_system_prompt_heads_every_pair_and_stays_out_of_the_loss(assets, cfg, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"q": "2 plus 3 ?", "a": "five"}) + "\n")
+    data = chat_data(assets, cfg, train=f"jsonl:{path}", validation="", validation_fraction=0.0,
+                     prompt_column="q", response_column="a", system_prompt="you add numbers")
+    want = expected(assets["tok"], [("<|im_start|>system\nyou add numbers<|im_end|>\n"
+                                     "<|im_start|>user\n2 plus 3 ?<|im_end|>\n<|im_start|>assistant\n", False),
+                                    ("five" + IM_END, True), ("\n", False)])
+    assert encode(data) == want
+    # the system prompt is part of what the cache is keyed on: another one builds other rows
+    other = chat_data(assets, cfg, train=f"jsonl:{path}", validation="", validation_fraction=0.0,
+                      prompt_column="q", response_column="a", system_prompt="you count")
+    assert "you count" in other.splits["train"][0]["text"]
+    for options, why in ((dict(messages_column="messages"), "conversations carry their own system messages"),
+                         (dict(prompt_column="q", response_column="a", chat_template="none"),
+                          "data.chat_template is none"),
+                         (dict(), "this recipe reads plain text")):
+        with pytest.raises(DataError, match=f"data.system_prompt applies to .*{why}"):
+            chat_data(assets, cfg, train=f"jsonl:{path}", validation="", validation_fraction=0.0,
+                      system_prompt="x", **options)
+
+
 def test_options_that_do_not_go_together(assets, cfg):
     with pytest.raises(DataError, match="data.messages_column .* does not combine with data.prompt_column"):
         chat_data(assets, cfg, messages_column="messages", prompt_column="p", response_column="r")
