@@ -3,6 +3,7 @@
     loaded = load("runs/quickstart")               # a run folder: its best checkpoint
     loaded = load("runs/quickstart", step=200)     # ... or a given step
     loaded = load("runs/quickstart/export")        # an HF folder (config.json + weights)
+    loaded = load("model.Q4_1.gguf")               # a GGUF file (its tokenizer included)
     metrics = evaluate_path("runs/quickstart", split="test")
     export_run("runs/quickstart", "out/", step=None)           # best (else latest) checkpoint
     predict(load("runs/quickstart/export"), ["great day!"])     # per input: label + probabilities
@@ -87,7 +88,9 @@ def load(path, *, step: Optional[int] = None, best: bool = True, plan=None) -> L
         return _load_run(p, step=step, best=best, plan=plan)
     if step is not None:
         raise JaxtuneError(f"{p} is not a run folder (config.yaml + model_config.json); --step needs one")
-    if not (p / "config.json").is_file():
+    if hf.is_gguf(p):  # a GGUF file (also pkg:PACKAGE/file.gguf): config, weights and tokenizer in one
+        p = hf.resolve_model_dir(path)
+    elif not (p / "config.json").is_file():
         what = "does not exist" if not p.exists() else "is neither a run folder (config.yaml + checkpoints/) nor a model folder (config.json)"
         raise JaxtuneError(f"{p} {what}")
     task = _folder_task(p)

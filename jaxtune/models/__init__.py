@@ -9,7 +9,8 @@ Modules (one concern each): `config` (ConfigBase, EncoderConfig, DTYPES), `outpu
 `layers` (parameters with logical axes, self-attention, the layer stack), `heads` (what task heads
 share), `kernels` (attention, dense, GELU: `cpu` and `xla` sets, chosen per backend), `family`
 (the family record, key tables, `define`), `trees` (key paths, flat tables, split/merge),
-`pretrained` (registry, loading, export), `hf` (checkpoint files), `generate`, `verify`.
+`pretrained` (registry, loading, export), `hf` (checkpoint files), `gguf` (a .gguf file as an HF
+folder: config, lazily dequantized tensors, tokenizer), `generate`, `verify`.
 """
 
 from jaxtune.models import kernels

@@ -2,6 +2,9 @@
 
 Reading supports a single `model.safetensors`, sharded safetensors (`model.safetensors.index.json`)
 and `pytorch_model.bin` (torch only if installed). Nothing here knows about model families.
+
+A `.gguf` file stands in for a whole folder: `resolve_model_dir` returns the file itself, and
+`read_config`, `open_checkpoint` and `config_source` read it through `jaxtune.models.gguf`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxtune.errors import ModelLoadError
+from jaxtune.models import gguf as gguf_io
+from jaxtune.models.gguf import is_gguf
 from jaxtune.paths import resolve_path
 
 SAFETENSORS = "model.safetensors"
@@ -39,13 +44,20 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "tokenizer.model",
     "preprocessor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 
 def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
-    """A local folder, `pkg:PACKAGE/path`, or an HF hub id found in the local HF cache."""
+    """A local folder, `pkg:PACKAGE/path`, or an HF hub id found in the local HF cache; a `.gguf`
+    file (local or `pkg:`) is returned as it is, checked to exist."""
     s = os.fspath(path_or_id)
     path = resolve_path(s)
+    if is_gguf(path):
+        if path.is_file():
+            return path
+        raise ModelLoadError(f"GGUF file not found: {path}" if not path.exists() else f"{path}: not a file")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path}: no config.json in the model folder")
@@ -72,7 +84,14 @@ def _from_hf_cache(repo_id: str) -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
+def config_source(folder: Path) -> Path:
+    """The file a model's config comes from: config.json, or the GGUF file itself."""
+    return folder if is_gguf(folder) else folder / "config.json"
+
+
 def read_config(folder: Path) -> dict:
+    if is_gguf(folder):
+        return gguf_io.read_config(folder)
     path = folder / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -184,6 +203,13 @@ class CheckpointReader:
             raise ModelLoadError(f"{self._where[key]}: cannot read tensor '{key}' ({e})")
 
 
+def open_checkpoint(folder: Path, config: dict | None = None):
+    """The lazy tensor reader of a model folder or GGUF file (`keys`, `shape`, `get`)."""
+    if is_gguf(folder):
+        return gguf_io.GGUFCheckpoint(folder, config)
+    return CheckpointReader(folder)
+
+
 def write_safetensors(tensors: dict[str, np.ndarray], folder: Path, metadata: dict | None = None):
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (SAFETENSORS + ".tmp")
@@ -201,7 +227,12 @@ def write_config(config: dict, folder: Path) -> None:
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    """Copy tokenizer / preprocessor files from a model folder; returns the names copied."""
+    """Copy tokenizer / preprocessor files from a model folder; returns the names copied. From a
+    GGUF file: the tokenizer transformers builds from it, saved (tokenizer.json, chat template)."""
+    if is_gguf(src):
+        before = set(os.listdir(dst)) if dst.is_dir() else set()
+        gguf_io.load_tokenizer(src).save_pretrained(str(dst))
+        return sorted(set(os.listdir(dst)) - before)
     copied = []
     for name in TOKENIZER_FILES:
         if (src / name).is_file():

@@ -123,7 +123,7 @@ def from_pretrained(
     seed: int = 0,
     output_loading_info: bool = False,
 ):
-    """Load an HF folder (or cached hub id) as a jaxtune model for `task`.
+    """Load an HF folder (or cached hub id, or a `.gguf` file) as a jaxtune model for `task`.
 
     `task`: 'base', 'sequence-classification', 'token-classification', 'masked-lm', ... (None: from
     the checkpoint's `architectures`). `shardings`: None (default device), a dict of Shardings shaped
@@ -134,7 +134,7 @@ def from_pretrained(
     """
     folder = hf.resolve_model_dir(path_or_id)
     hf_config = hf.read_config(folder)
-    family = get_family(hf_config.get("model_type"), folder / "config.json")
+    family = get_family(hf_config.get("model_type"), hf.config_source(folder))
     task = _resolve_task(family, hf_config, task)
     if isinstance(id2label, dict):
         id2label = [id2label[k] for k in sorted(id2label, key=int)]
@@ -149,7 +149,7 @@ def from_pretrained(
         compute_dtype=compute_dtype,
         remat=remat,
     )
-    reader = hf.CheckpointReader(folder)
+    reader = hf.open_checkpoint(folder, hf_config)
     model, info = load_weights(family, task, config, reader, shardings=shardings,
                                ignore_mismatched_sizes=ignore_mismatched_sizes, seed=seed)
     return (model, info) if output_loading_info else model
@@ -335,9 +335,10 @@ def save_pretrained(
 ) -> Path:
     """Write `config.json` + `model.safetensors` (+ tokenizer) that transformers loads.
 
-    `tokenizer`: an HF tokenizer / processor object (its `save_pretrained` is called) or a folder to
-    copy tokenizer files from. `params` (optional) replaces the model's own parameters, e.g. the
-    params of a TrainState. Only JAX process 0 writes.
+    `tokenizer`: an HF tokenizer / processor object (its `save_pretrained` is called), a folder to
+    copy tokenizer files from, or a `.gguf` file whose tokenizer (and chat template) is written.
+    `params` (optional) replaces the model's own parameters, e.g. the params of a TrainState. Only
+    JAX process 0 writes.
     """
     out = Path(out_dir)
     tensors = export_tensors(model, params)

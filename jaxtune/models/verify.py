@@ -89,7 +89,9 @@ def verify(model_dir: str | os.PathLike, task: Optional[str] = None, *, batch: i
     transformers.utils.logging.disable_progress_bar()
     auto = getattr(transformers, HF_AUTO_CLASSES[task])
     try:
-        theirs = auto.from_pretrained(str(folder), dtype=torch.float32).eval()
+        where = dict(pretrained_model_name_or_path=str(folder.parent), gguf_file=folder.name) \
+            if hf.is_gguf(folder) else dict(pretrained_model_name_or_path=str(folder))
+        theirs = auto.from_pretrained(**where, dtype=torch.float32).eval()
     except Exception as e:  # transformers' own loading error, as one line
         raise ModelLoadError(f"{folder}: transformers cannot load it: {str(e).splitlines()[0]}")
     with torch.no_grad():

@@ -73,7 +73,7 @@ def check_model(recipe, *, lengths: bool = True) -> dict:
     positions: a longer sequence would read past the position embeddings, where nnx.Embed's
     `jnp.take` returns NaN rather than failing. Returns the HF config dict."""
     m = recipe.model
-    where = (hf.resolve_model_dir(m.path) / "config.json") if m.path else "model.config"
+    where = hf.config_source(hf.resolve_model_dir(m.path)) if m.path else "model.config"
     config = _hf_config(recipe)
     family = get_family(config.get("model_type"), where)
     if lengths and get_task(recipe.task).modality != "image":
