@@ -9,16 +9,15 @@ CLI); a failed save keeps the previous checkpoint and stops with one line.
 The sweep over files runs in one subprocess (as `jaxtune` would: `quiet_orbax()`, its stderr
 caught per case at the file-descriptor level), not one CLI run per case: the code paths are the
 CLI's (`Checkpoints.restore_latest` as `jaxtune run` resumes, `inference.load` as eval/export/
-predict load), and one real resume through the CLI checks the whole run.
+predict load), and one real resume through the CLI (a fresh `python -m jaxtune.cli`, which reads
+the cut files at its start-up) checks the whole run. The sweep and the full-disk run are processes
+forked from one that has imported jaxtune already (`_tiny_run.Warm`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -72,13 +71,13 @@ from jaxtune.inference import load
 from jaxtune.run.build import build
 
 quiet_orbax()
-ref, work = Path(sys.argv[1]), Path(sys.argv[2])
+ref, work, cases = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 recipe = load_recipe(ref / "config.yaml")
 run = build(recipe)
 pristine = [np.asarray(x) for x in jax.tree.leaves(
     Checkpoints(ref / "checkpoints", recipe.checkpoint, read_only=True).restore(24, run.abstract).state)]
 
-for line in sys.stdin:
+for line in cases.read_text().splitlines():
     case = json.loads(line)
     out = work / case["name"]
     shutil.copytree(ref, out, ignore=shutil.ignore_patterns("export", "tensorboard"))
@@ -136,9 +135,9 @@ def sweep(tiny, tmp_path_factory):
     cases.append({"name": "unread", "file": None,
                   "cuts": [[u, (step_dir / u).stat().st_size // 2] for u in unread]})
     work = tmp_path_factory.mktemp("sweep")
-    proc = subprocess.run([sys.executable, "-c", SWEEP, str(ref), str(work)], capture_output=True, text=True,
-                          timeout=600, input="".join(json.dumps(c) + "\n" for c in cases),
-                          env={**os.environ, **env})
+    (work / "cases.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cases))
+    # `python -c SWEEP`, forked from a process that has imported jaxtune already (`_tiny_run.Warm`)
+    proc = tr.shared_warm(tmp_path_factory).run(ref, work, work / "cases.jsonl", code=SWEEP, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {r["name"]: r for r in map(json.loads, proc.stdout.splitlines())}
     assert len(results) == len(cases)
@@ -215,12 +214,14 @@ entry()
 """
 
 
-def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_stops_with_one_line(tiny, tmp_path):
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_stops_with_one_line(
+        tiny, tmp_path_factory, tmp_path):
     recipe, env, ref = tiny
     out = tmp_path / "full"
     limit = 20_000  # below the array file (~66 kB)
-    proc = subprocess.run([sys.executable, "-c", FULL_DISK_RUN, str(recipe(out, name="full")), "8", str(limit)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    # `python -c FULL_DISK_RUN`, forked from a process that has imported jaxtune (`_tiny_run.Warm`):
+    # the file size limit is this process's own
+    proc = tr.shared_warm(tmp_path_factory).run(recipe(out, name="full"), 8, limit, code=FULL_DISK_RUN, timeout=300)
     err = [line for line in proc.stderr.splitlines() if not line.startswith("WARNING:jaxtune:")]  # the new head
     assert proc.returncode == 1 and len(err) == 1, proc.stderr[-5000:]  # exit 1: the run stopped (2: bad input)
     assert err[0].startswith(f"error: could not save checkpoint step 8 in {out / 'checkpoints'} (")

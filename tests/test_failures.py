@@ -7,17 +7,16 @@ A new case is one line in CASES: (id, arguments, what the line must contain). Pl
 step 24 has every file cut to 0 bytes and whose best step 12 has every file cut by one byte,
 {t} a folder of bad files (made by `bad_files`), {a} the tiny assets (bert/, data.csv),
 {recipe} a good recipe whose output_dir is {run}.
-The cases run two at a time (cases that fail at recipe validation never import jax).
+Each case is a real `jaxtune` process with its own argv, exit code and stderr (file descriptor 2),
+forked from one that has imported jaxtune already (`_tiny_run.Warm`: the import is paid once, not
+49 times); they run two at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -142,11 +141,11 @@ def table(tmp_path_factory):
     fill = {"run": str(run), "dmg": str(dmg), "t": str(t), "a": str(assets), "recipe": str(t / "recipe.yaml")}
     before = {run: tree_hash(run), dmg: tree_hash(dmg)}
 
+    warm = tr.shared_warm(tmp_path_factory)
+
     def one(case):
         name, args, _ = case
-        proc = subprocess.run([sys.executable, "-m", "jaxtune.cli", *[a.format(**fill) for a in args]],
-                              capture_output=True, text=True, timeout=300, cwd=t, env={**os.environ, **env})
-        return name, proc
+        return name, warm.run(*[a.format(**fill) for a in args], cwd=t, timeout=300)
 
     with ThreadPoolExecutor(2) as pool:
         results = dict(pool.map(one, CASES))

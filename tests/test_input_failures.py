@@ -21,6 +21,8 @@ import pytest
 
 import _tiny_run as tr
 
+WARM = None  # set by the `warm` fixture
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
@@ -52,10 +54,21 @@ def assets(tmp_path_factory):
     return root, recipe(root / "run"), folders
 
 
+@pytest.fixture(scope="module", autouse=True)
+def warm(tmp_path_factory):
+    """Cases without a command prefix run as `jaxtune` processes forked from one that has
+    imported jaxtune already (`_tiny_run.Warm`); with one (setpriv), as a fresh subprocess."""
+    global WARM
+    WARM = tr.shared_warm(tmp_path_factory)
+
+
 def run_fails(recipe, *overrides, prefix=()) -> str:
     """`jaxtune run RECIPE OVERRIDES`: exit 2 and one line on stderr, returned without 'error: '."""
-    out = subprocess.run([*prefix, sys.executable, "-m", "jaxtune.cli", "run", str(recipe), *overrides],
-                         capture_output=True, text=True, timeout=120)
+    if prefix:
+        out = subprocess.run([*prefix, sys.executable, "-m", "jaxtune.cli", "run", str(recipe), *overrides],
+                             capture_output=True, text=True, timeout=120)
+    else:
+        out = WARM.run("run", recipe, *overrides, timeout=120)
     assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
     assert "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()

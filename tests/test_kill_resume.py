@@ -2,7 +2,9 @@
 the same parameters, bit for bit, and the same metrics.jsonl as an uninterrupted one (README,
 Runs: "A run killed at any step (even kill -9) and started again ends with the same parameters").
 
-One run is killed in succession (a restart is cheap: the JAX compilation cache is shared), each
+One run is killed in succession (a restart is cheap: the JAX compilation cache is shared, and each
+`jaxtune run` is a process forked from one that has imported jaxtune already, `_tiny_run.Warm`;
+the last one, which finishes the run, is a fresh `python -m jaxtune.cli`), each
 kill aimed at one of three moments: during the train steps, during an asynchronous checkpoint
 save (its temporary folder is on disk), and during an evaluation (the eval step's train line is
 logged, its validation line not yet; past the last one, the final test and export). The moments
@@ -15,8 +17,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 import warnings
 from collections import Counter
@@ -109,17 +109,15 @@ def test_20_kill_9_at_random_moments_each_resumed_ends_with_the_same_bits(tmp_pa
     rng = random.Random(seed)
     out = tmp_path / "killed"
     path = recipe(out, name="killed")
-    env = {**env, "PYTHONUNBUFFERED": "1"}
+    warm = tr.shared_warm(tmp_path_factory)
     phases = (["step", "save", "eval"] * KILLS)[:KILLS]
     rng.shuffle(phases)
     hits, newest = Counter(), 0
     for i in range(KILLS):
         phase = phases[i] if newest < TOTAL else "final"
         leftovers = tmp_folders(out)
-        stdout = tmp_path / f"stdout-{i}.txt"
-        with open(stdout, "w") as f:
-            proc = subprocess.Popen([sys.executable, "-m", "jaxtune.cli", "run", str(path)], stdout=f,
-                                    stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+        proc = warm.popen("run", path)  # a real process: its own pid, killed for real
+        stdout = proc.stdout_path
         try:
             after = newest + 2 * rng.randint(0, 2)  # train lines come at even steps: 0-4 steps into the session
             moment = wait_for_moment(proc, out, stdout, phase, newest, after, leftovers)

@@ -29,14 +29,23 @@ def test_the_l2sp_recipe_differs_only_in_the_optimizer():
     assert a.optim.decay_toward == "zero" and a.optim.layerwise_lr_decay is None
 
 
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    """One data cache for both recipes (the same data, tokenizer and split: the first run builds
+    it, the second reads it), and the session's JAX compilation cache."""
+    return tmp_path_factory.mktemp("quickstart-data"), tr.shared_env(tmp_path_factory)
+
+
 @pytest.mark.parametrize("name", ["quickstart", "quickstart_l2sp"])
-def test_a_few_steps_of_the_real_quickstart(name, tmp_path):
+def test_a_few_steps_of_the_real_quickstart(name, data_cache, tmp_path):
     # One CPU device, as a newcomer's laptop runs it (the test session fakes eight). Small
     # validation/test slices keep the evaluation short; model, optimizer and batch are the recipe's.
-    env = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")}
+    cache, jax_cache = data_cache
+    env = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", ""),
+           **jax_cache}
     out = tmp_path / "run"
     proc = tr.cli("run", name, "train.steps=4", "train.log_every=2", "data.validation_fraction=0.005",
-                  "data.test_fraction=0.005", f"output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}",
+                  "data.test_fraction=0.005", f"output_dir={out}", f"data.cache_dir={cache}",
                   env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

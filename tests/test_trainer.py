@@ -2,7 +2,10 @@
 keep-best, early stopping, kill -9 + resume (bit-identical), SIGTERM, NaN, a damaged checkpoint,
 the export in transformers, and `jaxtune eval/export/predict`.
 
-Runs share a JAX persistent compilation cache (a run then takes ~10 s instead of ~20 s).
+Runs share the session's JAX persistent compilation cache and its uninterrupted tiny run
+(`_tiny_run.shared_tiny`, also the reference of test_kill_resume, test_checkpoint_damage and
+test_failures); they are real processes forked from one that has imported jaxtune already
+(`_tiny_run.Warm`), or fresh subprocesses where jax must see the environment at import.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import pytest
 from jaxtune.runlog import TIMING_KEYS, read_metrics
 
 import _tiny_run
-cli, make_assets, popen = _tiny_run.cli, _tiny_run.make_assets, _tiny_run.popen
+
+WARM = None  # set by the `tiny` fixture
 
 TOTAL = 24  # train.steps of the tiny recipe
 EVALS = [6, 12, 18, 24]  # train.eval_every 6
@@ -32,25 +36,44 @@ EVALS = [6, 12, 18, 24]  # train.eval_every 6
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trainer")
-    recipe = make_assets(root / "assets")
-    env = {"JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    return root, recipe, env
+    """(this module's folder, the session's tiny recipe maker and JAX cache: `shared_assets`)."""
+    global WARM
+    recipe, env = _tiny_run.shared_assets(tmp_path_factory)
+    WARM = _tiny_run.shared_warm(tmp_path_factory)
+    return tmp_path_factory.mktemp("trainer"), recipe, env
+
+
+def _extra_env(env):
+    """`env` less what the Warm parent has already; None if jax must see it at import."""
+    extra = {k: v for k, v in (env or {}).items() if WARM.env.get(k) != v}
+    return None if any(k.startswith("JAX_") for k in extra) else extra
+
+
+def cli(*args, env=None):
+    """`jaxtune ARGS` to its end: forked from the session's `Warm` parent (a fresh subprocess
+    where jax must read the environment at import: JAX_NUM_PROCESSES and the like)."""
+    extra = _extra_env(env)
+    return _tiny_run.cli(*args, env=env) if extra is None else WARM.run(*args, env=extra, timeout=240)
+
+
+def popen(*args, env=None):
+    extra = _extra_env(env)
+    return _tiny_run.popen(*args, env=env) if extra is None else WARM.popen(*args, env=extra)
 
 
 def run(tiny, out, *extra, env=None, **changes):
     root, recipe, base_env = tiny
-    path = recipe(out, name=Path(out).name, **changes)
+    path = recipe(out, name=f"trainer-{Path(out).name}", **changes)
     return cli("run", path, *extra, env={**base_env, **(env or {})}), path
 
 
 @pytest.fixture(scope="module")
-def reference(tiny):
-    root = tiny[0]
-    proc, recipe = run(tiny, root / "reference")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "reference", proc, recipe
+def reference(tmp_path_factory, tiny):
+    """The session's uninterrupted tiny run (`shared_tiny`: a fresh `jaxtune run` subprocess),
+    its stdout and recipe. Read it; copy it before changing anything."""
+    _, _, ref = _tiny_run.shared_tiny(tmp_path_factory)
+    proc = subprocess.CompletedProcess(["jaxtune", "run"], 0, (ref.parent / "reference.stdout").read_text(), "")
+    return ref, proc, ref.parent / "assets" / "reference.yaml"
 
 
 def final_state(run_dir, step=TOTAL):
@@ -175,7 +198,7 @@ def test_kill_9_at_a_random_step_then_resume_is_bit_identical(tiny, reference):
     out = root / "killed"
     kill_at = random.Random().randint(5, 20)
     print(f"kill -9 after step {kill_at}")
-    recipe = tiny[1](out, name="killed")
+    recipe = tiny[1](out, name="trainer-killed")
     proc = popen("run", recipe, env=tiny[2])
     wait_for_step(out, kill_at, proc)
     proc.send_signal(signal.SIGKILL)
@@ -195,7 +218,7 @@ def test_kill_9_at_a_random_step_then_resume_is_bit_identical(tiny, reference):
 @pytest.fixture(scope="module")
 def sigtermed(tiny):
     out = tiny[0] / "sigterm"
-    recipe = tiny[1](out, name="sigterm")
+    recipe = tiny[1](out, name="trainer-sigterm")
     proc = popen("run", recipe, env=tiny[2])
     wait_for_step(out, 7, proc)
     proc.send_signal(signal.SIGTERM)
@@ -235,7 +258,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tiny):
     import socket
 
     out = tiny[0] / "two-hosts"
-    recipe = tiny[1](out, name="two-hosts")
+    recipe = tiny[1](out, name="trainer-two-hosts")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -336,7 +359,7 @@ def test_eval_a_run_and_its_export(reference, tiny):
     assert got["examples"] == 24 and got["data"] == "test split"
     for k in ("loss", "accuracy", "macro_f1"):
         assert got[k] == pytest.approx(summary["test"][k], abs=1e-6)
-    r = invoke("eval", out / "export", "--data", f"csv:{tiny[0] / 'assets' / 'data.csv'}", "--json")
+    r = invoke("eval", out / "export", "--data", f"csv:{out.parent / 'assets' / 'data.csv'}", "--json")
     assert r.exit_code == 0, r.output
     whole = json.loads(r.stdout.strip().splitlines()[-1])
     assert whole["examples"] == 120 and 0 <= whole["accuracy"] <= 1
@@ -380,7 +403,7 @@ def test_a_damaged_checkpoint_is_one_line_for_eval_export_predict_and_nothing_mo
     tear(out / "checkpoints" / str(best))
     others = ", ".join(str(s) for s in checkpoint_steps(out) if s != best)
     for args in (["eval", out], ["export", out, tmp_path / "e"], ["predict", out, "good great love"]):
-        r = cli(*args)
+        r = _tiny_run.cli(*args, env=WARM.env)  # a fresh process reads the torn files at its start-up
         assert r.returncode == 2, r.stderr[-3000:]
         err = [line for line in r.stderr.splitlines() if not line.startswith("WARNING:")]  # jax's own
         assert len(err) == 1 and err[0].startswith(f"error: checkpoint step {best} in {out / 'checkpoints'} "
@@ -412,7 +435,7 @@ def test_a_best_checkpoint_damaged_at_the_end_falls_back_to_the_final_state(tiny
     best = json.loads((reference[0] / "summary.json").read_text())["best_step"]
     assert best < TOTAL  # the premise: the final test reads the best checkpoint back
     out = tiny[0] / "torn-best"
-    recipe = tiny[1](out, name="torn-best")
+    recipe = tiny[1](out, name="trainer-torn-best")
     proc = subprocess.run([sys.executable, "-c", TEAR_BEST_THEN_RUN, str(recipe)], capture_output=True,
                           text=True, timeout=240, env={**os.environ, **tiny[2]})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,13 +1,10 @@
 """On one device the loop queues step n+1 before reading step n; the run is the same, bit for bit,
-as one that reads every step first (`JAXTUNE_OVERLAP_STEPS=0`). Subprocesses of the CLI."""
+as one that reads every step first (`JAXTUNE_OVERLAP_STEPS=0`). Processes of the CLI, forked from one
+that has imported jaxtune already (`_tiny_run.Warm`)."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-
-import pytest
 
 import _tiny_run as tr
 from jaxtune.runlog import TIMING_KEYS, read_metrics
@@ -19,14 +16,15 @@ def steady(lines):
     return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in lines]
 
 
-def test_overlapped_steps_give_the_same_run_bit_for_bit(tmp_path):
-    recipe = tr.make_assets(tmp_path / "assets")
+def test_overlapped_steps_give_the_same_run_bit_for_bit(tmp_path_factory, tmp_path):
+    recipe, _ = tr.shared_assets(tmp_path_factory)  # and the session's JAX compilation cache
+    warm = tr.shared_warm(tmp_path_factory)  # `jaxtune` processes forked from one with jaxtune imported
     outs = {}
     for overlap in ("1", "0"):
         out = tmp_path / f"overlap-{overlap}"
         # checkpoints only at evaluations, so most steps are queued behind the previous one
         path = recipe(out, name=out.name, checkpoint={"keep": 2, "keep_best": 1})
-        proc = tr.cli("run", path, env={**ONE_DEVICE, "JAXTUNE_OVERLAP_STEPS": overlap})
+        proc = warm.run("run", path, env={**ONE_DEVICE, "JAXTUNE_OVERLAP_STEPS": overlap})
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "on 1 cpu device(s)" in proc.stdout
         outs[overlap] = out
@@ -36,13 +34,13 @@ def test_overlapped_steps_give_the_same_run_bit_for_bit(tmp_path):
     assert ma == mb and len([m for m in ma if m["split"] == "validation"]) == 4
 
 
-def test_overlap_is_on_for_one_cpu_device_off_for_several_and_the_switch_is_checked():
+def test_overlap_is_on_for_one_cpu_device_off_for_several_and_the_switch_is_checked(tmp_path_factory):
     code = "from jaxtune.run.loop import can_overlap_steps; print(can_overlap_steps())"
-    env = {k: v for k, v in os.environ.items() if k != "JAXTUNE_OVERLAP_STEPS"}
+    warm = tr.shared_warm(tmp_path_factory)  # each `python -c CODE` forked from it: its own backend
+    assert "JAXTUNE_OVERLAP_STEPS" not in os.environ and "JAXTUNE_OVERLAP_STEPS" not in warm.env
 
     def ask(**extra):
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              env={**env, **extra}, timeout=120)
+        return warm.run(code=code, env=extra, timeout=120)
 
     assert ask(**ONE_DEVICE).stdout.strip() == "True"
     assert ask().stdout.strip() == "False"  # the test session's 8 CPU devices

@@ -24,34 +24,53 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _tiny_run import cli, make_assets, make_csv, popen
+import _tiny_run as tr
+from _tiny_run import make_csv, popen
 
 STARTUP_STOP = "during start-up, before any step: nothing to save"
 
 
+WARM = None  # set by the `tiny` fixture
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("folder-failures")
-    recipe = make_assets(root / "assets")
-    env = {"JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    return root, recipe, env
+    """The session's tiny assets and JAX compilation cache (`_tiny_run.shared_assets`). Runs that
+    need no signal or permission drop are `jaxtune` processes forked from one that has imported
+    jaxtune already (`_tiny_run.Warm`); those that do are fresh subprocesses."""
+    global WARM
+    recipe, env = tr.shared_assets(tmp_path_factory)
+    WARM = tr.shared_warm(tmp_path_factory)
+    return tmp_path_factory.mktemp("folder-failures"), recipe, env
+
+
+def cli(*args, env=None, timeout=240):
+    """`jaxtune ARGS` to its end (a forked `Warm` process, whose environment is the tiny `env`)."""
+    assert (env or {}).items() <= WARM.env.items(), env
+    return WARM.run(*args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def big_csv(tiny):
     """Enough rows that preparing them takes seconds: a start-up long enough to signal into."""
-    return make_csv(tiny[0] / "assets" / "big.csv", n=100_000)
+    return make_csv(tiny[0] / "big.csv", n=100_000)
 
 
 @pytest.fixture(scope="module")
-def finished(tiny):
-    """A finished run folder (copy it before use) and its stdout."""
-    root, recipe, env = tiny
-    out = root / "finished"
-    proc = cli("run", recipe(out, name="finished"), env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+def finished(tmp_path_factory, tiny):
+    """A finished run folder (copy it before use) and its stdout: the session's tiny reference
+    run, made by `jaxtune run` (recipe name "reference") in a fresh subprocess."""
+    recipe, env, ref = tr.shared_tiny(tmp_path_factory)
+    return ref, (ref.parent / "reference.stdout").read_text()
+
+
+def same_name(path: Path, tmp_path) -> Path:
+    """The recipe at `path`, saved as reference.yaml (the finished run's recipe name, which its
+    config.yaml records) in a folder of its own."""
+    copy = tmp_path / "recipe" / "reference.yaml"
+    copy.parent.mkdir()
+    shutil.copyfile(path, copy)
+    return copy
 
 
 def copy_of(finished, tmp_path) -> Path:
@@ -114,7 +133,7 @@ def _nowhere_recipe(tmp_path, out) -> Path:
     ("/sys/jaxtune-run", "output_dir /sys/jaxtune-run: /sys is a kernel pseudo-filesystem"),
     ("{tmp}/dangling/run", "{tmp}/dangling is a broken symbolic link"),
 ])
-def test_an_unusable_output_dir_is_one_line_before_any_loading(tmp_path, where, message):
+def test_an_unusable_output_dir_is_one_line_before_any_loading(tiny, tmp_path, where, message):
     fill = lambda s: s.format(tmp=tmp_path)  # noqa: E731
     (tmp_path / "afile").write_text("mine\n")
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
@@ -255,7 +274,7 @@ def test_rerunning_a_finished_run_keeps_the_training_figures(tiny, finished, tmp
     assert 0 < first["wall_time_s"] < first["session"]["wall_time_s"]  # loading, test, export: not training
     assert "done in" in finished[1] and "trained 24 of 24 steps" in finished[1]
     config = (out / "config.yaml").read_text().replace(str(finished[0]), str(out))  # the copy's folder
-    proc = cli("run", recipe(out, name="finished"), env=env)
+    proc = cli("run", same_name(recipe(out, name="finished"), tmp_path), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads((out / "summary.json").read_text())
     assert again["wall_time_s"] == first["wall_time_s"]  # training: measured once, kept
@@ -271,7 +290,7 @@ def test_changed_settings_keep_the_previous_config_and_summary(tiny, finished, t
     root, recipe, env = tiny
     out = copy_of(finished, tmp_path)
     old_config, old_summary = (out / "config.yaml").read_bytes(), (out / "summary.json").read_bytes()
-    proc = cli("run", recipe(out, name="finished", train__log_every=3), env=env)
+    proc = cli("run", same_name(recipe(out, name="finished", train__log_every=3), tmp_path), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "note: the recipe differs from the run's config.yaml: train.log_every 2 -> 3" in proc.stdout
     kept = list((out / "history").iterdir())
