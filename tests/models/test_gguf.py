@@ -29,10 +29,13 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "l l", "i n", "Ġ a", "o n"]
 
 # Tiny shapes: every quantized row a whole number of 32-value blocks. llama: head_dim 32 is not
-# hidden / heads (16), GQA 4:2; qwen2: q/k/v biases, tied embeddings.
+# hidden / heads (16), GQA 4:2; qwen2: q/k/v biases, tied embeddings; qwen3: q/k norms.
 TINY = {
     "llama": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=32, ffn=96, tied=False, bias=False),
     "qwen2": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=96, tied=True, bias=True),
+    # per-head q/k RMSNorm; head_dim 128 because transformers' GGUF config for qwen3 ignores
+    # key_length and keeps Qwen3Config's default (real Qwen3 checkpoints use 128)
+    "qwen3": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=128, ffn=96, tied=False, bias=False),
 }
 # GGUF tensor leaf -> storage type (norms and biases stay F32, as llama.cpp writes them)
 TYPES = {"token_embd": Q.Q8_0, "output": Q.BF16, "attn_q": Q.Q4_1, "attn_k": Q.Q8_0, "attn_v": Q.F16,
@@ -72,11 +75,14 @@ def write_tiny(path: Path, arch: str, seed: int = 0, *, tensor_types=None, metad
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(5000.0)
     w.add_rope_dimension_count(hd)
+    if arch == "qwen3":  # qwen has no q/k permutation: head_dim comes from key_length
+        w.add_key_length(hd)
+        w.add_value_length(hd)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
     for key, value in metadata:
         getattr(w, key)(value)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "smollm")
+    w.add_tokenizer_pre("qwen2" if arch.startswith("qwen") else "smollm")
     w.add_token_list(tokens)
     w.add_token_types([1] * (vocab - len(SPECIALS)) + [3] * len(SPECIALS))
     w.add_token_merges(MERGES)
@@ -111,6 +117,9 @@ def write_tiny(path: Path, arch: str, seed: int = 0, *, tensor_types=None, metad
             add(f"{b}.attn_q.bias", rand(c["heads"] * hd))
             add(f"{b}.attn_k.bias", rand(c["kv_heads"] * hd))
             add(f"{b}.attn_v.bias", rand(c["kv_heads"] * hd))
+        if arch == "qwen3":
+            add(f"{b}.attn_q_norm.weight", 1 + rand(hd, scale=0.1))
+            add(f"{b}.attn_k_norm.weight", 1 + rand(hd, scale=0.1))
         add(f"{b}.attn_output.weight", rand(h, c["heads"] * hd))
         add(f"{b}.ffn_norm.weight", 1 + rand(h, scale=0.1))
         add(f"{b}.ffn_gate.weight", rand(c["ffn"], h))
