@@ -3,7 +3,6 @@ sub-token's), equal to transformers' (PyTorch) argmax on a tiny random BERT toke
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import _tiny_run as tr

@@ -13,7 +13,6 @@ import pytest
 
 import _tiny_lm
 import choice_eval  # tools/ is on pytest's pythonpath
-import recipe_splits
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -51,6 +50,14 @@ def test_recipe_splits_are_the_data_layers_splits(tmp_path):
     again = subprocess.run([sys.executable, str(TOOLS / "recipe_splits.py"), str(recipe), str(out)],
                            capture_output=True, text=True)
     assert again.returncode == 2 and "already exist" in again.stderr and len(again.stderr.splitlines()) == 1
+
+
+def test_jsonl_rows_may_hold_unicode_line_separators(tmp_path):
+    """Real tweets hold U+0085 and U+2028; JSONL lines end at "\\n" only (as jaxtune's reader)."""
+    path = tmp_path / "rows.jsonl"
+    rows = [{"text": "lounge!\u0099\u0085\u00e4", "sentiment": "neutral"}, {"text": "a\u2028b", "sentiment": "positive"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert choice_eval.read_jsonl(path) == rows
 
 
 @pytest.fixture(scope="module")

@@ -149,7 +149,8 @@ def evaluate(model, tokenizer, rows: list[dict], prompt_template: str, label_col
 
 def read_jsonl(path: Path) -> list[dict]:
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # split on "\n" only: a JSON string may hold U+0085 or U+2028, which splitlines() breaks at
+    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import jax
 import numpy as np
@@ -290,3 +291,17 @@ def test_cli_run_and_predict_with_the_chat_template(assets, tmp_path):
     ids = np.array([tok(prompt)["input_ids"]], np.int32)
     out = generate(load(run).model, ids, np.ones_like(ids), max_new_tokens=6)
     assert json.loads(raw.stdout)["tokens"] == [int(t) for t in out.tokens[0, : out.lengths[0]]]
+    # a run whose recipe has data.system_prompt: predict renders that system message first. The
+    # tiny model answers EOS whatever comes before, so the proof is the prompt's length: with a
+    # system message past the model's 128 positions, predict refuses the rendered prompt.
+    system = " ".join(["you add numbers"] * 40)
+    shutil.copytree(run, tmp_path / "run-system", ignore=shutil.ignore_patterns("tensorboard"))
+    config = yaml.safe_load((tmp_path / "run-system" / "config.yaml").read_text())
+    config["data"]["system_prompt"] = system
+    (tmp_path / "run-system" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = tr.cli("predict", tmp_path / "run-system", prompt, "--json", "--max-new-tokens", 6)
+    rendered = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+                                       tokenize=False, add_generation_prompt=True)
+    n = len(tok(rendered, add_special_tokens=False)["input_ids"])
+    assert n > 128 and proc.returncode == 2, (n, proc.returncode, proc.stderr[-3000:])
+    assert f"error: the longest prompt has {n} tokens; the model has 128 positions" in proc.stderr
