@@ -58,9 +58,25 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny(path: Path, arch: str, seed: int = 0, *, tensor_types=None, metadata=(), extra=()) -> dict:
-    """A tiny `arch` GGUF at `path`; returns {gguf tensor name: the HF-layout weight before quantizing}."""
-    c = TINY[arch]
+def k_quant_blocks(rng, shape: tuple, qtype) -> np.ndarray:
+    """Random raw K-quant data for a (rows, cols) tensor (gguf's Python package dequantizes K-quants
+    but cannot quantize to them): random quants and sub-block scales, small positive f16 super-block
+    scales (d, dmin) where llama.cpp's block layout keeps them."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (shape[0], shape[1] // block, size), dtype=np.uint8)
+    scales = np.frombuffer(rng.uniform(1e-3, 4e-3, (shape[0], shape[1] // block, 2)).astype(np.float16).tobytes(),
+                           np.uint8).reshape(shape[0], shape[1] // block, 4)
+    if qtype == Q.Q6_K:  # ql, qh, int8 scales, then d
+        raw[..., -2:] = scales[..., :2]
+    else:  # Q4_K / Q5_K: d, dmin first
+        raw[..., :4] = scales
+    return raw.reshape(shape[0], -1)
+
+
+def write_tiny(path: Path, arch: str, seed: int = 0, *, tensor_types=None, metadata=(), extra=(), sizes=None) -> dict:
+    """A tiny `arch` GGUF at `path`; returns {gguf tensor name: the HF-layout weight before quantizing
+    (for a K-quant tensor: unknown, random raw blocks)}. `sizes` replaces TINY[arch]."""
+    c = sizes or TINY[arch]
     rng = np.random.default_rng(seed)
     tokens = _byte_vocab() + ["".join(m.split()) for m in MERGES] + SPECIALS
     vocab, h, hd = len(tokens), c["hidden"], c["head_dim"]
@@ -100,7 +116,10 @@ def write_tiny(path: Path, arch: str, seed: int = 0, *, tensor_types=None, metad
         stored = _permute(array, permute_heads) if permute_heads and arch == "llama" else array
         leaf = name.split(".")[-2]
         qtype = (tensor_types or TYPES).get(leaf, Q.F32) if name.endswith(".weight") and array.ndim == 2 else Q.F32
-        data = gguf.quants.quantize(stored, qtype)
+        if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+            data = k_quant_blocks(rng, stored.shape, qtype)
+        else:
+            data = gguf.quants.quantize(stored, qtype)
         w.add_tensor(name, data, raw_dtype=qtype)
 
     def rand(*shape, scale=0.2):
@@ -317,6 +336,28 @@ def test_tiny_logits(tiny, hf_models, arch):
     _, got, want = _logits_pair(path, hf_models[arch], ids, mask)
     keep = mask.astype(bool)
     assert np.abs(got[keep] - want[keep]).max() < ATOL
+
+
+def test_k_quants_load_like_transformers(tmp_path):
+    """Q4_K, Q5_K and Q6_K tensors (rows of 256-value super-blocks, q/k permuted) read equal to
+    transformers' GGUF loader, and the model's logits match."""
+    sizes = dict(hidden=256, layers=1, heads=4, kv_heads=2, head_dim=64, ffn=256, tied=False, bias=False)
+    types = {"token_embd": Q.Q8_0, "attn_q": Q.Q4_K, "attn_k": Q.Q5_K, "attn_v": Q.Q6_K, "attn_output": Q.Q4_K,
+             "ffn_gate": Q.Q6_K, "ffn_up": Q.Q5_K, "ffn_down": Q.Q4_K, "output": Q.Q6_K}
+    path = tmp_path / "tiny-k.gguf"
+    write_tiny(path, "llama", sizes=sizes, tensor_types=types)
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert {kinds["blk.0.attn_q.weight"], kinds["blk.0.attn_k.weight"], kinds["blk.0.attn_v.weight"]} == \
+        {"Q4_K", "Q5_K", "Q6_K"}
+    ref = _hf_model(path)
+    reader = hf.open_checkpoint(path)
+    for key, want in ref.state_dict().items():
+        got = reader.get(key)
+        assert np.isfinite(got).all() and np.abs(got).max() > 0, key
+        np.testing.assert_array_equal(got, want.numpy(), err_msg=key)
+    ids = np.random.default_rng(2).integers(0, 260, (2, 10)).astype(np.int32)
+    _, got, want = _logits_pair(path, ref, ids)
+    assert np.abs(got - want).max() < ATOL * max(1.0, float(np.abs(want).max()))
 
 
 def test_verify_and_load(tiny):
