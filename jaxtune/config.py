@@ -169,6 +169,17 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    # Low-rank adapters (jaxtune.lora): W x + alpha / rank * B A x on the `targets` kernels; only
+    # the adapters and `train_also` train, the base is frozen (and re-read from model.path).
+    rank: int = 8
+    alpha: Optional[float] = None  # None: 2 * rank
+    dropout: float = 0.0  # on the adapters' input (PEFT's lora_dropout)
+    targets: Optional[str] = None  # a param path regex; None: the family's attention + MLP kernels
+    train_also: Optional[list[str]] = None  # path regexes trained in full; None: a classifier's head
+
+
+@dataclass(frozen=True)
 class Recipe:
     task: Task
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -177,6 +188,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: Optional[LoRAConfig] = None  # None: full fine-tuning
     output_dir: Optional[str] = None  # None: runs/<recipe name>
     name: Optional[str] = None  # None: the recipe file's stem
 
@@ -343,6 +355,14 @@ def _check(recipe: Recipe, src: str) -> None:
         v = getattr(recipe.mesh, k)
         if v == 0 or v < -1:
             raise ConfigError(f"{src}: mesh.{k} must be a positive size or -1, got {v}")
+    lo = recipe.lora
+    if lo is not None:  # what needs the model (targets that are not matrices) is checked by build
+        if lo.rank < 1:
+            raise ConfigError(f"{src}: lora.rank must be >= 1, got {lo.rank}")
+        if lo.alpha is not None and lo.alpha < 0:
+            raise ConfigError(f"{src}: lora.alpha must be >= 0, got {lo.alpha:g}")
+        if not 0 <= lo.dropout < 1:
+            raise ConfigError(f"{src}: lora.dropout must be in [0, 1), got {lo.dropout:g}")
 
 
 def check_optim(o: OptimConfig, src: str = "") -> None:

@@ -320,19 +320,23 @@ def current_shardings(params, mesh: Mesh):
     return jax.tree.map(pick, params)
 
 
-def state_shardings(abstract_state, params, param_sh, mesh: Mesh):
-    """Shardings of a TrainState: params as given, optimizer state mirroring them, rest replicated."""
+def state_shardings(abstract_state, params, param_sh, mesh: Mesh, model_state_sh=None):
+    """Shardings of a TrainState: params as given, optimizer state mirroring them, model_state as
+    given (a LoRA run's frozen base: sharded like the params it is) or replicated, rest replicated."""
     repl = replicated(mesh)
+    if model_state_sh is None:
+        model_state_sh = jax.tree.map(lambda _: repl, abstract_state.model_state)
     return abstract_state.replace(
         step=repl,
         params=param_sh,
         opt_state=like_params(abstract_state.opt_state, params, param_sh, mesh),
         rng=repl,
-        model_state=jax.tree.map(lambda _: repl, abstract_state.model_state),
+        model_state=model_state_sh,
     )
 
 
-def abstract_state(params, tx, mesh: Mesh, param_shardings, *, rng=0, model_state=None):
+def abstract_state(params, tx, mesh: Mesh, param_shardings, *, rng=0, model_state=None,
+                   model_state_shardings=None):
     """The TrainState `init_state(params, rng, model_state, tx=tx)` would make, as
     ShapeDtypeStructs carrying their shardings: nothing is allocated or computed.
 
@@ -345,7 +349,7 @@ def abstract_state(params, tx, mesh: Mesh, param_shardings, *, rng=0, model_stat
         rng = jax.random.PRNGKey(rng)
     init = functools.partial(init_state, tx=tx)
     shapes = jax.eval_shape(init, params, rng, {} if model_state is None else model_state)
-    shardings = state_shardings(shapes, params, param_shardings, mesh)
+    shardings = state_shardings(shapes, params, param_shardings, mesh, model_state_shardings)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
 

@@ -1,0 +1,21 @@
+"""LoRA (Hu et al. 2021) on any jaxtune model, without copying it.
+
+    spec = jaxtune.lora.apply(model, rank=8, alpha=16, targets=r"attention/self/(query|value)/kernel$")
+    trainable, frozen = jaxtune.lora.partition(model)
+    loss_fn = jaxtune.lora.make_loss_fn(model)     # for make_train_step(..., has_model_state=True)
+    merged = jaxtune.lora.merged_params(spec, jaxtune.lora.combine(trainable, frozen))
+
+Modules: `layers` (the adapted layer, adapter dropout), `apply` (targets, train_also, the split
+into trainable and frozen, merging), `steps` (loss / eval functions for the pure steps).
+"""
+
+from jaxtune.lora.apply import (
+    LoRASpec, apply, check, combine, default_targets, default_train_also, is_lora, merged_params, partition,
+    spec_of,
+)
+from jaxtune.lora.layers import LORA_LEAVES, dropout_keys, is_adapted
+from jaxtune.lora.steps import make_eval_fn, make_loss_fn
+
+__all__ = ["LORA_LEAVES", "LoRASpec", "apply", "check", "combine", "default_targets",
+           "default_train_also", "dropout_keys", "is_adapted", "is_lora", "make_eval_fn", "make_loss_fn", "merged_params",
+           "partition", "spec_of"]
