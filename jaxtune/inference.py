@@ -17,6 +17,7 @@ Prediction is the task's (`Task.predict` and `Task.format` in `jaxtune/tasks/<ta
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -25,15 +26,16 @@ from typing import Any, Optional, Sequence
 
 import jax
 
+from jaxtune import lora
 from jaxtune.checkpoint import CheckpointDamaged, Checkpoints
 from jaxtune.config import apply_overrides, from_dict, load_recipe, to_dict
 from jaxtune.errors import ConfigError, DataError, JaxtuneError
 from jaxtune.models import (
-    abstract_model, from_pretrained, get_family, hf, make_config, merge, save_pretrained,
+    abstract_model, from_pretrained, get_family, hf, load_weights, make_config, merge, save_pretrained,
 )
 from jaxtune.models import split as split_model  # `split` is also a data split below
 from jaxtune.parallel import Plan
-from jaxtune.run.build import build_data, load_preprocessing
+from jaxtune.run.build import apply_lora, build_data, load_preprocessing
 from jaxtune.run.folder import CHECKPOINTS, CONFIG, EXPORT, is_run_dir, read_model_config
 from jaxtune.tasks import get_task
 from jaxtune.tasks.model_fns import evaluate, make_eval_fn
@@ -130,9 +132,12 @@ def _load_run(run: Path, *, step: Optional[int], best: bool, plan) -> Loaded:
         family = get_family(hf_config.get("model_type"))
         abstract = abstract_model(family.head(task), make_config(family, hf_config))
         graphdef, abs_params, rest = split_model(abstract)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params,
-                              plan.param_shardings(abstract))
-        params = ckpt.restore_params(chosen, target)
+        if recipe.lora is not None:  # adapters + train_also from the checkpoint, the base from model.path
+            params = _lora_run_params(recipe, task, hf_config, plan, ckpt, chosen)
+        else:
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params,
+                                  plan.param_shardings(abstract))
+            params = ckpt.restore_params(chosen, target)
     except CheckpointDamaged as e:  # read-only here: say which others exist, move nothing
         others = [s for s in steps if s != e.step]
         raise CheckpointDamaged(f"{e}; other checkpoints: {', '.join(map(str, others))} (--step N)"
@@ -141,6 +146,33 @@ def _load_run(run: Path, *, step: Optional[int], best: bool, plan) -> Loaded:
         ckpt.close()
     return Loaded(merge(graphdef, params, rest), task, f"{run}, checkpoint step {chosen} ({why})",
                   recipe.model.path, recipe=recipe, step=chosen)
+
+
+def lora_run_model(recipe, task: str, hf_config: dict, plan):
+    """A LoRA run's model before training: the base from model.path (the run's head config), the
+    recipe's adapters on it. The head, absent from the base, starts fresh and quietly: the
+    checkpoint holds the trained one."""
+    family = get_family(hf_config.get("model_type"))
+    folder = hf.resolve_model_dir(recipe.model.path)
+    quiet = logging.getLogger("jaxtune")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        model, _ = load_weights(family, task, make_config(family, hf_config),
+                                hf.open_checkpoint(folder, hf.read_config(folder)), shardings=plan.param_shardings,
+                                ignore_mismatched_sizes=True, seed=recipe.train.seed)
+    finally:
+        quiet.setLevel(level)
+    return model, apply_lora(recipe, model)
+
+
+def _lora_run_params(recipe, task: str, hf_config: dict, plan, ckpt, step: int) -> dict:
+    """The merged params of a LoRA run's checkpoint `step` (what its export holds)."""
+    model, spec = lora_run_model(recipe, task, hf_config, plan)
+    trainable, frozen = lora.partition(spec, split_model(model)[1])
+    shardings = lora.partition(spec, plan.param_shardings(model))[0]
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), trainable, shardings)
+    return lora.merged_params(spec, lora.combine(ckpt.restore_params(step, target), frozen))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,11 +11,11 @@ into trainable and frozen, merging), `steps` (loss / eval functions for the pure
 
 from jaxtune.lora.apply import (
     LoRASpec, apply, check, combine, default_targets, default_train_also, is_lora, merged_params, partition,
-    spec_of,
+    select, spec_of,
 )
 from jaxtune.lora.layers import LORA_LEAVES, dropout_keys, is_adapted
 from jaxtune.lora.steps import make_eval_fn, make_loss_fn
 
 __all__ = ["LORA_LEAVES", "LoRASpec", "apply", "check", "combine", "default_targets",
            "default_train_also", "dropout_keys", "is_adapted", "is_lora", "make_eval_fn", "make_loss_fn", "merged_params",
-           "partition", "spec_of"]
+           "partition", "select", "spec_of"]

@@ -104,6 +104,24 @@ def apply(model, *, rank: int = 8, alpha: Optional[float] = None, dropout: float
         raise ConfigError("lora: the model already has adapters")
     alpha = 2.0 * rank if alpha is None else float(alpha)
     check(rank, alpha, dropout)
+    hits, train_also, modules = select(model, targets, train_also)
+    for i, path in enumerate(hits):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(path_str(path).encode()))
+        adapt(modules[path[:-1]], rank=rank, alpha=alpha, dropout_rate=dropout, key=key, lora_id=i)
+    spec = LoRASpec(rank, alpha, float(dropout), tuple(hits), train_also)
+    # Frozen Linears that got no adapter (BERT's pooler) drop the CPU kernels' custom backward
+    # too: it would compute their (unused) kernel gradient.
+    for path, m in modules.items():
+        if isinstance(m, nnx.Linear) and not spec.trains(path + ("kernel",)):
+            m.dot_general = frozen_dot_general
+    model.lora_spec = spec
+    return spec
+
+
+def select(model, targets: Optional[str] = None, train_also: Optional[Sequence[str]] = None):
+    """(kernel paths to adapt, train_also regexes, {module path: module}), checked: every mistake
+    is one ConfigError line. `model` may be abstract (`nnx.eval_shape`): a recipe is checked
+    before any weight is read."""
     model_type = model.config.model_type
     targets = default_targets(model_type) if targets is None else targets
     train_also = default_train_also(model) if train_also is None else tuple(train_also)
@@ -133,17 +151,7 @@ def apply(model, *, rank: int = 8, alpha: Optional[float] = None, dropout: float
         if both:
             raise ConfigError(f"lora: {path_str(both[0])} is matched by both lora.targets and "
                               f"lora.train_also {pattern!r}; a kernel trains through adapters or in full")
-    for i, path in enumerate(hits):
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(path_str(path).encode()))
-        adapt(modules[path[:-1]], rank=rank, alpha=alpha, dropout_rate=dropout, key=key, lora_id=i)
-    spec = LoRASpec(rank, alpha, float(dropout), tuple(hits), train_also)
-    # Frozen Linears that got no adapter (BERT's pooler) drop the CPU kernels' custom backward
-    # too: it would compute their (unused) kernel gradient.
-    for path, m in modules.items():
-        if isinstance(m, nnx.Linear) and not spec.trains(path + ("kernel",)):
-            m.dot_general = frozen_dot_general
-    model.lora_spec = spec
-    return spec
+    return hits, train_also, modules
 
 
 def check(rank, alpha, dropout) -> None:

@@ -28,13 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune import lora
 from jaxtune.checkpoint import CheckpointDamaged
 from jaxtune.errors import ConfigError, JaxtuneError
 from jaxtune.models import save_pretrained
 from jaxtune.run.build import Run
 from jaxtune.run.folder import EXPORT, write_summary
 from jaxtune.run.progress import after_evaluation, after_log_line, after_train_step, window_means
-from jaxtune.run.session import Session, check_metric_names  # noqa: F401  (re-exported: the loop's check)
+from jaxtune.run.session import Session, check_metric_names, checkpointed  # noqa: F401  (re-exported: the loop's check)
 from jaxtune.runlog import fmt_metrics
 from jaxtune.tasks.model_fns import evaluate, make_eval_fn, make_loss_fn
 from jaxtune.train import make_eval_step, make_train_step
@@ -69,12 +70,16 @@ def _nan_when_weights_are(loss_fn):
 
 def compile_steps(run: Run):
     """(train step, eval step), jitted on the plan's shardings (the state donated)."""
-    loss_fn = make_loss_fn(run.model, run.task)
-    if nan_step() is not None:
-        loss_fn = _nan_when_weights_are(loss_fn)
-    train_step = run.plan.jit_train_step(make_train_step(loss_fn, run.optimizer), run.abstract)
-    eval_step = run.plan.jit_eval_step(make_eval_step(make_eval_fn(run.model, run.task)), run.abstract)
-    return train_step, eval_step
+    poison = _nan_when_weights_are if nan_step() is not None else None
+    if run.lora:  # the same pure steps; the frozen base is their model_state
+        loss_fn = lora.make_loss_fn(run.model, run.task, wrap=poison)
+        train = make_train_step(loss_fn, run.optimizer, has_model_state=True)
+        evaluate_fn = make_eval_step(lora.make_eval_fn(run.model, run.task), has_model_state=True)
+    else:
+        loss_fn = make_loss_fn(run.model, run.task)
+        train = make_train_step(poison(loss_fn) if poison else loss_fn, run.optimizer)
+        evaluate_fn = make_eval_step(make_eval_fn(run.model, run.task))
+    return run.plan.jit_train_step(train, run.abstract), run.plan.jit_eval_step(evaluate_fn, run.abstract)
 
 
 def next_batch(s: Session, step: int):
@@ -156,7 +161,7 @@ def save_if_due(s: Session, step: int, state, val: Optional[dict], stopping: boo
     if checkpoint_due(s.run, step) or stopping or s.progress.stopped:
         # the training time so far: what summary.json reports once the run is complete
         s.progress = dataclasses.replace(s.progress, elapsed_s=s.clock.elapsed)
-        s.ckpt.save(step, state, s.iterator, s.progress.to_json(), metrics=val)
+        s.ckpt.save(step, checkpointed(state), s.iterator, s.progress.to_json(), metrics=val)
 
 
 def finish(s: Session, eval_step, state, step: int) -> dict:
@@ -179,7 +184,7 @@ def finish(s: Session, eval_step, state, step: int) -> dict:
         test = run_eval(s.run, eval_step, state, "test")
         s.log.write(step, "test", test, model_step=model_step)
     export = s.out / EXPORT
-    save_pretrained(s.run.model, export, tokenizer=s.run.preprocessing, params=state.params)
+    save_pretrained(s.run.model, export, tokenizer=s.run.preprocessing, params=s.run.export_params(state))
     summary = _summary(s, step, model_step, best, test, export)
     write_summary(s.out, summary)
     _say_result(s, summary, model_step, best, test)

@@ -16,11 +16,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from jaxtune import parallel
+from jaxtune import lora, parallel
 from jaxtune.data import Data, build_data as build_data_for_task, image_settings_from_model, load_tokenizer
 from jaxtune.errors import ConfigError, ModelLoadError
 from jaxtune.models import (
-    family_of, flatten, from_config, from_pretrained, get_family, hf, labels_differ, split,
+    abstract_model, family_of, flatten, from_config, from_pretrained, get_family, hf, labels_differ, split,
 )
 from jaxtune.models.pretrained import make_config
 from jaxtune.optim import Optimizer, make_optimizer, pretrained_tree
@@ -43,6 +43,7 @@ class Run:
     param_shardings: Any
     abstract: Any  # the TrainState as ShapeDtypeStructs with shardings
     preprocessing: Optional[str]  # folder whose tokenizer / preprocessor files an export copies
+    lora: Optional[lora.LoRASpec] = None  # a LoRA run: params = adapters + train_also
 
     @property
     def has_validation(self) -> bool:
@@ -54,7 +55,21 @@ class Run:
 
     @property
     def params(self) -> dict:
-        return split(self.model)[1]
+        """The params that train (a LoRA run: adapters + train_also); the initial values."""
+        params = split(self.model)[1]
+        return lora.partition(self.lora, params)[0] if self.lora else params
+
+    @property
+    def frozen(self) -> dict:
+        """What does not train, the TrainState's `model_state` (a LoRA run's base), never
+        checkpointed: a run reads it from model.path again."""
+        return lora.partition(self.lora, split(self.model)[1])[1] if self.lora else {}
+
+    def export_params(self, state) -> dict:
+        """The params an export writes: a LoRA run's adapters merged into the base."""
+        if not self.lora:
+            return state.params
+        return lora.merged_params(self.lora, lora.combine(state.params, state.model_state))
 
 
 def max_positions(config) -> Optional[int]:
@@ -171,20 +186,45 @@ def build(recipe, *, tokenizer=None, images=None, preprocessing: Optional[str] =
     plan = parallel.Plan.from_config(recipe.mesh)
     plan.local_batch_size(recipe.train.batch_size)  # one-line error when it cannot split
     check_model(recipe)  # the model folder, config.json and data.max_length, before any work
+    check_lora(recipe)  # lora.targets / train_also against the model's paths, before any work
     if tokenizer is None and images is None:
         tokenizer, images, preprocessing = load_preprocessing(recipe)
     data = build_data(recipe, tokenizer, images)
     model, fresh = build_model(recipe, plan, num_labels=data.num_labels, label_names=data.label_names,
                                problem_type=data.problem_type)
-    params = split(model)[1]
+    spec = apply_lora(recipe, model)
+    params, frozen = split(model)[1], {}
+    param_sh, frozen_sh = plan.param_shardings(model), None
+    if spec:  # only the adapters and train_also are params; the frozen base is model_state
+        params, frozen = lora.partition(spec, params)
+        param_sh, frozen_sh = lora.partition(spec, param_sh)
     total = total_train_steps(recipe, data.steps_per_epoch)
     optimizer = build_optimizer(recipe, model, params, fresh, total)
-    param_sh = plan.param_shardings(model)
-    abstract = plan.abstract_state(params, optimizer, param_sh, rng=recipe.train.seed)
+    abstract = plan.abstract_state(params, optimizer, param_sh, rng=recipe.train.seed, model_state=frozen,
+                                   model_state_shardings=frozen_sh)
     return Run(recipe=recipe, plan=plan, data=data, model=model, fresh=fresh,
                task=get_task(recipe.task, model.config), total_steps=total, optimizer=optimizer,
-               param_shardings=param_sh, abstract=abstract, preprocessing=preprocessing)
+               param_shardings=param_sh, abstract=abstract, preprocessing=preprocessing, lora=spec)
 
 
-__all__ = ["Run", "build", "build_data", "build_model", "build_optimizer", "check_model",
+def check_lora(recipe) -> None:
+    """The recipe's lora targets and train_also against the (abstract) model: one-line errors."""
+    lo = recipe.lora
+    if lo is None:
+        return
+    family = get_family(_hf_config(recipe).get("model_type"))
+    config = make_config(family, _hf_config(recipe))
+    lora.select(abstract_model(family.head(get_task(recipe.task).head), config), lo.targets, lo.train_also)
+
+
+def apply_lora(recipe, model) -> Optional[lora.LoRASpec]:
+    """The recipe's `lora` section on `model` (in place), seeded by train.seed; None without one."""
+    lo = recipe.lora
+    if lo is None:
+        return None
+    return lora.apply(model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=lo.targets,
+                      train_also=lo.train_also, seed=recipe.train.seed)
+
+
+__all__ = ["Run", "apply_lora", "build", "build_data", "build_model", "build_optimizer", "check_lora", "check_model",
            "load_preprocessing", "max_positions", "total_train_steps"]

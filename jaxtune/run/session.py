@@ -78,6 +78,12 @@ def model_config_dict(model) -> dict:
     return config
 
 
+def checkpointed(state):
+    """The part of a TrainState a checkpoint holds: all but `model_state`, which is what does
+    not train (a LoRA run's frozen base, read from model.path again; `{}` otherwise)."""
+    return state.replace(model_state={})
+
+
 def check_metric_names(run: Run) -> None:
     """Fail before training when train.metric or early_stopping.metric is not a metric."""
     if not run.has_validation:
@@ -130,16 +136,18 @@ def _open(recipe, folder: RunDir, changed: bool, stamp: str) -> Session:
     try:
         if resume:
             ckpt = _checkpoints(out, recipe)
-            restored = ckpt.restore_latest(run.abstract, run.data.train_iterator)
+            restored = ckpt.restore_latest(checkpointed(run.abstract), run.data.train_iterator)
             if restored is None:
                 raise JaxtuneError(f"no checkpoint in {out / CHECKPOINTS} can be restored; "
                                    "pass --restart to start over")
-            state, iterator = restored.state, restored.iterator
+            state, iterator = restored.state.replace(model_state=run.frozen), restored.iterator
             progress, start = Progress.from_json(restored.meta), restored.step
         else:
             restored = None
             state = run.plan.create_state(run.params, run.optimizer, param_shardings=run.param_shardings,
                                           rng=recipe.train.seed)
+            # the frozen base joins as it is (already on its shardings): through the jit it would be copied
+            state = state.replace(model_state=run.frozen)
             iterator, progress, start = run.data.train_iterator(), Progress(), 0
             ckpt = _checkpoints(out, recipe)  # creates checkpoints/: not before the state exists
     except BaseException:
@@ -165,13 +173,16 @@ def describe(s: Session) -> list[str]:
     """What the session is about to do, as console lines."""
     r, d = s.run, s.run.data
     recipe = r.recipe
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(r.params))
+    n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(r.params))
+    n_params = n_train + sum(int(np.prod(x.shape)) for x in jax.tree.leaves(r.frozen))
     fresh = ", ".join(path_str(p) for p in r.fresh[:4]) if recipe.model.path else "all (from config)"
     mesh = " x ".join(f"{k}={v}" for k, v in r.plan.mesh.shape.items())
     lines = [
         d.summary(),
         f"model: {type(r.model).__name__} from {recipe.model.path or 'model.config'}, "
-        f"{n_params / 1e6:.2f}M params" + (f", new: {fresh}" if fresh else ""),
+        f"{n_params / 1e6:.2f}M params" + (f", new: {fresh}" if fresh else "")
+        + (f"; LoRA rank {r.lora.rank} on {len(r.lora.targets)} kernels, {n_train / 1e6:.3f}M trainable"
+           if r.lora else ""),
         f"training {r.total_steps} steps ({r.total_steps / d.steps_per_epoch:.3g} epochs of "
         f"{d.steps_per_epoch}, batch {recipe.train.batch_size}) on {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s), mesh {mesh}; eval every {r.eval_every} steps; "
@@ -186,4 +197,4 @@ def describe(s: Session) -> list[str]:
     return lines
 
 
-__all__ = ["Session", "check_metric_names", "describe", "model_config_dict", "open_session"]
+__all__ = ["Session", "check_metric_names", "checkpointed", "describe", "model_config_dict", "open_session"]
