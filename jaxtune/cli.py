@@ -10,6 +10,7 @@ transformers) happen inside commands so that `jaxtune --help` and `jaxtune valid
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import signal
 import sys
@@ -130,6 +131,43 @@ def run_cmd(recipe, overrides, restart):
         sys.exit(128 + e.signum)
     finally:
         restore_signals()
+
+
+@main.command("sweep")
+@click.argument("recipe")
+@click.argument("space")
+@click.argument("overrides", nargs=-1)
+@click.option("--trials", type=int, default=None,
+              help="Trials that end complete or pruned (default: the grid's size, else 10).")
+@click.option("--sampler", default="tpe", show_default=True, help="grid, random or tpe (Optuna's samplers).")
+@click.option("--pruner", default="median", show_default=True, help="none, median or hyperband.")
+@click.option("--metric", default=None, help="Validation metric to optimise (default: the recipe's train.metric).")
+@click.option("--mode", default=None, help="max or min (default: the recipe's for its metric; min for losses).")
+@click.option("--output", default=None, help="Sweep folder (default: sweeps/<recipe name>).")
+@click.option("--storage", default=None, metavar="URL",
+              help="Study storage: an RDB URL or journal:PATH (several hosts; default: OUTPUT/study.db).")
+@click.option("--seed", type=int, default=None, help="Sampler seed (default: random).")
+@user_errors
+def sweep_cmd(recipe, space, overrides, trials, sampler, pruner, metric, mode, output, storage, seed):
+    """Search hyperparameters of RECIPE over the ranges in the SPACE file, with Optuna.
+
+    \b
+    jaxtune sweep quickstart space.yaml train.steps=200 --trials 8
+    jaxtune sweep my.yaml grid.yaml --sampler grid --pruner none --output sweeps/grid
+
+    Rerun the same command to continue a stopped sweep; run it in several processes to share it.
+    """
+    if importlib.util.find_spec("optuna") is None:  # an optional dependency: the sweep extra
+        raise JaxtuneError("jaxtune sweep needs Optuna: pip install 'jaxtune[sweep]'")
+    quiet_checkpoints()
+    from jaxtune.sweep import sweep
+
+    try:
+        sweep(recipe, space, overrides, trials=trials, sampler=sampler, pruner=pruner, metric=metric, mode=mode,
+              output=output, storage=storage, seed=seed)
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the same command again to resume the sweep", err=True)
+        sys.exit(128 + signal.SIGINT)
 
 
 @main.command("verify")

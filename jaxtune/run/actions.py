@@ -3,7 +3,7 @@
     train_step, eval_step = compile_steps(run)
     check_metric_names(run)                     # before the first step
     metrics = record_step(session, step, device_metrics, t0, timed)   # after each step
-    val = evaluate_if_due(session, eval_step, state, step)
+    val = evaluate_if_due(session, eval_step, state, step, window, on_evaluation)  # may stop the run
     save_if_due(session, step, state, val, stopping)
     summary = finish(session, eval_step, state, step)                 # test, export, summary
 
@@ -22,7 +22,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,11 @@ from jaxtune.tasks.model_fns import evaluate, make_eval_fn, make_loss_fn
 from jaxtune.train import make_eval_step, make_train_step
 
 NAN_ENV = "JAXTUNE_INJECT_NAN_STEP"
+
+
+# Called after each evaluation with (step, validation metrics); a non-empty string it returns
+# stops the run there (cleanly: checkpoint, test, export) and is summary.json's `stopped`.
+OnEvaluation = Callable[[int, dict], Optional[str]]
 
 
 class NonFiniteLoss(JaxtuneError):
@@ -136,9 +141,10 @@ def run_eval(run: Run, eval_step, state, split: str) -> dict:
     return evaluate(eval_step, state, batches, run.task, split=f"{split} split")
 
 
-def evaluate_if_due(s: Session, eval_step, state, step: int, window: Window) -> Optional[dict]:
+def evaluate_if_due(s: Session, eval_step, state, step: int, window: Window,
+                    on_evaluation: Optional[OnEvaluation] = None) -> Optional[dict]:
     """The validation metrics at an evaluation step (logged, best step and early stopping
-    updated), else None."""
+    updated, then `on_evaluation` asked whether to stop), else None."""
     if not evaluation_due(s.run, step):
         return None
     val = run_eval(s.run, eval_step, state, "validation")
@@ -147,6 +153,13 @@ def evaluate_if_due(s: Session, eval_step, state, step: int, window: Window) -> 
     s.say(f"eval step {step}: {fmt_metrics(val)}{notes[0]}")
     for note in notes[1:]:
         s.say(note)
+    if on_evaluation is not None and s.progress.stopped is None:
+        # e.g. a sweep's pruner: the reason becomes progress.stopped, so the loop ends after
+        # this step's checkpoint, a resume does not train on, and summary.json says why
+        reason = on_evaluation(step, val)
+        if reason:
+            s.progress = dataclasses.replace(s.progress, stopped=reason)
+            s.say(f"stopped at step {step}: {reason}")
     window.reset()  # examples/s: training only
     return val
 
@@ -249,5 +262,5 @@ def _say_result(s: Session, summary: dict, model_step: int, best: Optional[int],
           f"{summary['wall_time_s']:.1f}s in all); exported to {summary['export']}")
 
 
-__all__ = ["NAN_ENV", "NonFiniteLoss", "Window", "check_metric_names", "checkpoint_due", "compile_steps",
+__all__ = ["NAN_ENV", "NonFiniteLoss", "OnEvaluation", "Window", "check_metric_names", "checkpoint_due", "compile_steps",
            "evaluate_if_due", "finish", "next_batch", "record_step", "run_eval", "save_if_due"]

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Optional
 
 import jax
 
 from jaxtune import parallel
 from jaxtune.errors import ConfigError
 from jaxtune.run.actions import (
-    Window, check_metric_names, checkpoint_due, compile_steps, evaluate_if_due, finish, next_batch,
+    OnEvaluation, Window, check_metric_names, checkpoint_due, compile_steps, evaluate_if_due, finish, next_batch,
     record_step, save_if_due,
 )
 from jaxtune.run.session import Session, open_session
@@ -43,11 +44,12 @@ from jaxtune.runlog import plot_curves
 OVERLAP_ENV = "JAXTUNE_OVERLAP_STEPS"
 
 
-def run(recipe, restart: bool = False) -> dict:
-    """Train `recipe` (a validated `jaxtune.config.Recipe`); returns the summary dict."""
+def run(recipe, restart: bool = False, on_evaluation: Optional[OnEvaluation] = None) -> dict:
+    """Train `recipe` (a validated `jaxtune.config.Recipe`); returns the summary dict.
+    `on_evaluation(step, val)` may stop the run after an evaluation (`actions.OnEvaluation`)."""
     parallel.initialize()
     can_overlap_steps()  # a bad JAXTUNE_OVERLAP_STEPS fails before any work
-    return train(open_session(recipe, restart=restart))
+    return train(open_session(recipe, restart=restart), on_evaluation)
 
 
 def can_overlap_steps() -> bool:
@@ -59,7 +61,7 @@ def can_overlap_steps() -> bool:
     return setting == "1" and not (jax.devices()[0].platform == "cpu" and jax.device_count() > 1)
 
 
-def train(s: Session) -> dict:
+def train(s: Session, on_evaluation: Optional[OnEvaluation] = None) -> dict:
     """The loop; returns the summary (or a stop record after a signal)."""
     stop = StopSignal(jax.process_count() > 1)  # from here a signal stops after a step and saves
     state, step, pending, stopped_by = s.state, s.start_step, None, None
@@ -79,7 +81,7 @@ def train(s: Session) -> dict:
                 continue
             record_step(s, *pending, window)
             pending = None
-            val = evaluate_if_due(s, eval_step, state, step, window)
+            val = evaluate_if_due(s, eval_step, state, step, window, on_evaluation)
             save_if_due(s, step, state, val, stopping)
             if stopping:
                 stopped_by = stop.received

@@ -28,7 +28,7 @@ class Progress:
     last_eval_step: Optional[int] = None
     es_best: Optional[float] = None
     es_bad: int = 0
-    stopped: Optional[str] = None  # None, 'early_stopping'
+    stopped: Optional[str] = None  # None, 'early_stopping', or a loop hook's reason ('pruned')
     window_n: int = 0  # train steps since the last log line
     window_sums: dict = field(default_factory=dict)
     elapsed_s: float = 0.0  # training wall time over all sessions (evaluations included)
