@@ -227,12 +227,18 @@ def eval_cmd(path, overrides, data_spec, split, step, batch_size, as_json):
 @click.option("--best", "which", flag_value="best", default=True, help="The best checkpoint (default).")
 @click.option("--latest", "which", flag_value="latest", help="The newest checkpoint.")
 @click.option("--step", type=int, default=None, help="The checkpoint of this step.")
+@click.option("--peft", is_flag=True, help="A LoRA run's adapters as a PEFT adapter folder (not merged).")
 @user_errors
-def export_cmd(run_dir, out_dir, which, step):
-    """Write an HF folder (transformers loads it) from a checkpoint of RUN_DIR into OUT_DIR."""
-    from jaxtune.inference import export_run
+def export_cmd(run_dir, out_dir, which, step, peft):
+    """Write an HF folder (transformers loads it) from a checkpoint of RUN_DIR into OUT_DIR;
+    with --peft, a PEFT adapter folder (peft.PeftModel.from_pretrained loads it onto the base)."""
+    from jaxtune.inference import export_peft, export_run
 
     quiet_checkpoints()
+    if peft:
+        click.echo(f"exported the adapters of {export_peft(run_dir, out_dir, step=step, best=which != 'latest')} "
+                   f"to {out_dir}")
+        return
     loaded = export_run(run_dir, out_dir, step=step, best=which != "latest")
     click.echo(f"exported {loaded.source} to {out_dir}")
 

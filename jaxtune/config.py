@@ -47,6 +47,9 @@ class ModelConfig:
         Literal["single_label_classification", "multi_label_classification", "regression"]
     ] = None
     dropout: Optional[float] = None  # overrides the checkpoint's hidden/attention dropout
+    # A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) for the base in
+    # `path`: a LoRA run that starts from its adapters and head (rank, alpha, targets from the folder).
+    adapter: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -355,6 +358,11 @@ def _check(recipe: Recipe, src: str) -> None:
         v = getattr(recipe.mesh, k)
         if v == 0 or v < -1:
             raise ConfigError(f"{src}: mesh.{k} must be a positive size or -1, got {v}")
+    if recipe.model.adapter is not None and recipe.lora is not None:
+        raise ConfigError(f"{src}: model.adapter brings its own LoRA settings (rank, alpha, targets, head); "
+                          "remove the lora section")
+    if recipe.model.adapter is not None and recipe.model.path is None:
+        raise ConfigError(f"{src}: model.adapter needs model.path, the base model the adapter was trained on")
     lo = recipe.lora
     if lo is not None:  # what needs the model (targets that are not matrices) is checked by build
         if lo.rank < 1:

@@ -35,7 +35,7 @@ from jaxtune.models import (
 )
 from jaxtune.models import split as split_model  # `split` is also a data split below
 from jaxtune.parallel import Plan
-from jaxtune.run.build import apply_lora, build_data, load_preprocessing
+from jaxtune.run.build import apply_lora, build_data, is_lora_recipe, load_preprocessing
 from jaxtune.run.folder import CHECKPOINTS, CONFIG, EXPORT, is_run_dir, read_model_config
 from jaxtune.tasks import get_task
 from jaxtune.tasks.model_fns import evaluate, make_eval_fn
@@ -132,7 +132,7 @@ def _load_run(run: Path, *, step: Optional[int], best: bool, plan) -> Loaded:
         family = get_family(hf_config.get("model_type"))
         abstract = abstract_model(family.head(task), make_config(family, hf_config))
         graphdef, abs_params, rest = split_model(abstract)
-        if recipe.lora is not None:  # adapters + train_also from the checkpoint, the base from model.path
+        if is_lora_recipe(recipe):  # adapters + train_also from the checkpoint, the base from model.path
             params = _lora_run_params(recipe, task, hf_config, plan, ckpt, chosen)
         else:
             target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params,
@@ -166,13 +166,19 @@ def lora_run_model(recipe, task: str, hf_config: dict, plan):
     return model, apply_lora(recipe, model)
 
 
-def _lora_run_params(recipe, task: str, hf_config: dict, plan, ckpt, step: int) -> dict:
-    """The merged params of a LoRA run's checkpoint `step` (what its export holds)."""
+def _lora_run_state(recipe, task: str, hf_config: dict, plan, ckpt, step: int):
+    """(model with adapters, its spec, its full params at checkpoint `step`) of a LoRA run."""
     model, spec = lora_run_model(recipe, task, hf_config, plan)
     trainable, frozen = lora.partition(spec, split_model(model)[1])
     shardings = lora.partition(spec, plan.param_shardings(model))[0]
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), trainable, shardings)
-    return lora.merged_params(spec, lora.combine(ckpt.restore_params(step, target), frozen))
+    return model, spec, lora.combine(ckpt.restore_params(step, target), frozen)
+
+
+def _lora_run_params(recipe, task: str, hf_config: dict, plan, ckpt, step: int) -> dict:
+    """The merged params of a LoRA run's checkpoint `step` (what its export holds)."""
+    _, spec, params = _lora_run_state(recipe, task, hf_config, plan, ckpt, step)
+    return lora.merged_params(spec, params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +257,33 @@ def export_run(run_dir, out_dir, *, step: Optional[int] = None, best: bool = Tru
     return loaded
 
 
+def export_peft(run_dir, out_dir, *, step: Optional[int] = None, best: bool = True) -> str:
+    """A PEFT adapter folder (adapters + train_also as modules_to_save) from a LoRA run's
+    checkpoint; returns what was exported, in words."""
+    if not is_run_dir(run_dir):
+        raise JaxtuneError(f"{run_dir} is not a run folder (config.yaml + model_config.json)")
+    run, out = Path(run_dir), Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise JaxtuneError(f"{out} exists and is not empty; choose a new folder")
+    recipe = load_recipe(run / CONFIG)
+    if not is_lora_recipe(recipe):
+        raise JaxtuneError(f"{run} is not a LoRA run (no lora section); --peft exports adapters")
+    task, hf_config = read_model_config(run)
+    ckpt = Checkpoints(run / CHECKPOINTS, recipe.checkpoint, metric=recipe.train.metric,
+                       mode=recipe.train.metric_mode, read_only=True) if (run / CHECKPOINTS).is_dir() else None
+    try:
+        steps = ckpt.steps() if ckpt is not None else []
+        if not steps:
+            raise JaxtuneError(f"{run} has no checkpoint to export adapters from")
+        chosen, why = _choose_step(run, ckpt, steps, step, best)
+        model, _, params = _lora_run_state(recipe, task, hf_config, _plan(), ckpt, chosen)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    lora.save_peft(model, out, params, base_model=recipe.model.path)
+    return f"{run}, checkpoint step {chosen} ({why})"
+
+
 def predict(loaded: Loaded, inputs: Sequence[str], **options) -> list[dict]:
     """The task's prediction for each input (texts, prompts or image paths); see `Task.predict`."""
     if not inputs:
@@ -258,4 +291,4 @@ def predict(loaded: Loaded, inputs: Sequence[str], **options) -> list[dict]:
     return loaded.task_object().predict(loaded, list(inputs), **options)
 
 
-__all__ = ["Loaded", "evaluate_path", "export_run", "is_run_dir", "load", "predict"]
+__all__ = ["Loaded", "evaluate_path", "export_peft", "export_run", "is_run_dir", "load", "predict"]

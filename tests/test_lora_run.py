@@ -12,6 +12,7 @@ import time
 import warnings
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -140,3 +141,65 @@ def test_bad_lora_settings_are_one_line_exit_2(assets, setting, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert not (out / "checkpoints").exists()
+
+
+def _peft_logits(base_path, num_labels, folder, batch):
+    import peft
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=num_labels).eval()
+    wrapped = peft.PeftModel.from_pretrained(base, str(folder)).eval()
+    with torch.no_grad():
+        return wrapped(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
+
+
+def test_export_peft_is_read_by_peft_and_model_adapter_continues_from_it(assets, reference, tmp_path):
+    """`jaxtune export RUN OUT --peft` -> PeftModel on the base has the run's logits; a recipe with
+    `model.adapter: OUT` (no lora section) builds a model with the same logits and trains on."""
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from jaxtune.cli import main
+    from jaxtune.config import load_recipe
+    from jaxtune.inference import load
+    from jaxtune.models import merge, split
+    from jaxtune.run.build import build
+
+    root, recipe, env = assets
+    out, _ = reference
+    ours = load(out)
+    tok = AutoTokenizer.from_pretrained(out / "export")
+    batch = dict(tok(["good great day", "the food was awful and bad", "paper road"], padding=True,
+                     return_tensors="np"))
+    mine = np.asarray(ours.model(**batch).logits)
+    folder = tmp_path / "peft"
+    result = CliRunner().invoke(main, ["export", str(out), str(folder), "--peft"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["modules_to_save"] == ["classifier"]
+    assert config["base_model_name_or_path"] == ours.recipe.model.path
+    ref = _peft_logits(ours.recipe.model.path, mine.shape[-1], folder, batch)
+    np.testing.assert_allclose(mine, ref, atol=1e-4, rtol=0)
+
+    path = recipe(tmp_path / "from-adapter", name="lora-from-adapter", model__adapter=str(folder),
+                  train__steps=4, train__eval_every=2)
+    run = build(load_recipe(path))
+    assert run.lora.rank == 4 and len(run.lora.targets) == 12
+    graphdef, params, rest = split(run.model)  # on the host: the base is on 8 devices, fresh adapters on one
+    host = merge(graphdef, jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, rest))
+    np.testing.assert_allclose(np.asarray(host(**batch).logits), ref, atol=1e-4, rtol=0)
+    proc = _tiny_run.cli("run", path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LoRA rank 4 on 12 kernels" in proc.stdout
+
+    both = recipe(tmp_path / "both", name="lora-both", model__adapter=str(folder), lora=dict(LORA))
+    proc = _tiny_run.cli("run", both, env=env)
+    assert proc.returncode == 2 and "model.adapter brings its own LoRA settings" in proc.stderr
+    bad = recipe(tmp_path / "bad", name="lora-bad-adapter", model__adapter=str(tmp_path))
+    proc = _tiny_run.cli("run", bad, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "is not a PEFT adapter folder" in lines[0], proc.stderr
+    proc = _tiny_run.cli("export", tmp_path / "from-adapter", tmp_path / "again", "--peft", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "again" / "adapter_model.safetensors").is_file()

@@ -6,7 +6,7 @@
     merged = jaxtune.lora.merged_params(spec, jaxtune.lora.combine(trainable, frozen))
 
 Modules: `layers` (the adapted layer, adapter dropout), `apply` (targets, train_also, the split
-into trainable and frozen, merging), `steps` (loss / eval functions for the pure steps).
+into trainable and frozen, merging), `steps` (loss / eval functions for the pure steps), `peft` (PEFT adapter folders, both ways).
 """
 
 from jaxtune.lora.apply import (
@@ -14,8 +14,9 @@ from jaxtune.lora.apply import (
     select, spec_of,
 )
 from jaxtune.lora.layers import LORA_LEAVES, dropout_keys, is_adapted
+from jaxtune.lora.peft import load_peft, read_adapter, save_peft
 from jaxtune.lora.steps import make_eval_fn, make_loss_fn
 
 __all__ = ["LORA_LEAVES", "LoRASpec", "apply", "check", "combine", "default_targets",
-           "default_train_also", "dropout_keys", "is_adapted", "is_lora", "make_eval_fn", "make_loss_fn", "merged_params",
-           "partition", "select", "spec_of"]
+           "default_train_also", "dropout_keys", "is_adapted", "is_lora", "load_peft", "make_eval_fn", "make_loss_fn",
+           "merged_params", "partition", "read_adapter", "save_peft", "select", "spec_of"]

@@ -24,6 +24,7 @@ from jaxtune.models import (
 )
 from jaxtune.models.pretrained import make_config
 from jaxtune.optim import Optimizer, make_optimizer, pretrained_tree
+from jaxtune.paths import resolve_path
 from jaxtune.tasks import get_task
 from jaxtune.tasks.base import Task
 
@@ -207,8 +208,16 @@ def build(recipe, *, tokenizer=None, images=None, preprocessing: Optional[str] =
                param_shardings=param_sh, abstract=abstract, preprocessing=preprocessing, lora=spec)
 
 
+def is_lora_recipe(recipe) -> bool:
+    """A LoRA run: a `lora` section, or a PEFT adapter in `model.adapter` (which brings its own)."""
+    return recipe.lora is not None or recipe.model.adapter is not None
+
+
 def check_lora(recipe) -> None:
-    """The recipe's lora targets and train_also against the (abstract) model: one-line errors."""
+    """The recipe's lora targets and train_also against the (abstract) model, or its PEFT
+    adapter folder's files: one-line errors."""
+    if recipe.model.adapter is not None:
+        lora.read_adapter(resolve_path(recipe.model.adapter))
     lo = recipe.lora
     if lo is None:
         return
@@ -218,7 +227,10 @@ def check_lora(recipe) -> None:
 
 
 def apply_lora(recipe, model) -> Optional[lora.LoRASpec]:
-    """The recipe's `lora` section on `model` (in place), seeded by train.seed; None without one."""
+    """The recipe's `lora` section on `model` (in place), seeded by train.seed, or its PEFT adapter
+    (`model.adapter`: rank, alpha, targets, head and values from the folder); None without either."""
+    if recipe.model.adapter is not None:
+        return lora.load_peft(model, resolve_path(recipe.model.adapter), seed=recipe.train.seed)
     lo = recipe.lora
     if lo is None:
         return None
@@ -227,4 +239,5 @@ def apply_lora(recipe, model) -> Optional[lora.LoRASpec]:
 
 
 __all__ = ["Run", "apply_lora", "build", "build_data", "build_model", "build_optimizer", "check_lora", "check_model",
+           "is_lora_recipe",
            "load_preprocessing", "max_positions", "total_train_steps"]
