@@ -304,3 +304,16 @@ def test_sigterm_saves_the_trial_and_queues_it_for_the_rerun(tiny):
     assert "=== trial 0 (resuming trial 0" in again.stdout and "resuming from step" in again.stdout
     check_folder(out, 1)
     assert [t.state for t in load(out).get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+def test_hyperband_pruner_sees_every_evaluation(tiny):
+    root, recipe, warm, *_ = tiny
+    out = root / "hyperband"
+    sp = space(root, "hyperband", "optim.lr: {log_uniform: [1.0e-3, 1.0e-2]}\n")
+    proc = warm.run("sweep", recipe, sp, "--sampler", "random", "--trials", "2", "--pruner", "hyperband",
+                    "--seed", "0", "--output", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_folder(out, 2)
+    for t in done(load(out)):
+        steps = [4] if t.state == TrialState.PRUNED else [4, 8]
+        assert sorted(t.intermediate_values) == steps, t
