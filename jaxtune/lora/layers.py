@@ -6,10 +6,11 @@ adds `x @ A @ B * alpha / rank` to what the module returns. In place, so nothing
 existing path (`.../query/kernel`) stays what the key tables, shardings and checkpoints know, and
 the base Variables are the very arrays loading placed on their shardings.
 
-Why the base matmul is plain `lax.dot_general`: the CPU kernels' dense layer has a custom VJP
-whose backward computes the kernel gradient too; for a frozen kernel that gradient is dead code
-(XLA drops it, but it would sit in the jaxpr). With the kernel outside the differentiated
-params, JAX's own transpose computes only the input gradient.
+Why the base matmul is `kernels.frozen_dense_dot_general`: the CPU kernels' dense layer has a
+custom VJP whose backward computes the kernel gradient too; for a frozen kernel that gradient is
+dead code. XLA's own derivative (the first version here) computes only the input gradient but
+measured slower than the full fine-tune's step on CPU (0.8x); the frozen rule keeps the CPU
+kernels' layout and barrier and returns no kernel gradient at all.
 
 Adapter dropout (PEFT's `lora_dropout`, on the adapter's input only) takes its keys from
 `dropout_keys(rng)`, a context the LoRA loss function opens around the model call: `nnx.Linear`
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtune.models import kernels
 from jaxtune.models.dropout import dropout
 
 LORA_LEAVES = ("lora_a", "lora_b")
@@ -49,9 +51,11 @@ def dropout_keys(rng: Optional[jax.Array]) -> Iterator[None]:
 
 def frozen_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                        out_sharding=None):
-    """`nnx.Linear`'s dot_general for a frozen kernel: XLA's own derivative (input gradient only)."""
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+    """`nnx.Linear`'s dot_general for a frozen kernel: the input gradient only (on CPU the tuned
+    kernels' rule, with their barrier; XLA's own transpose there was slower, see `kernels.cpu`)."""
+    return kernels.frozen_dense_dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                            preferred_element_type=preferred_element_type,
+                                            out_sharding=out_sharding)
 
 
 def lora_delta(module, x: jax.Array) -> jax.Array:
@@ -62,8 +66,12 @@ def lora_delta(module, x: jax.Array) -> jax.Array:
     key = _KEY.get()
     if key is not None and module.lora_dropout > 0.0:
         h = dropout(h, module.lora_dropout, jax.random.fold_in(key, module.lora_id))
-    low = jnp.einsum("...i,ir->...r", h, a)
-    return jnp.tensordot(low, b, axes=1) * jnp.asarray(module.lora_scale, dtype)
+    # As (rows, in) @ (in, r) @ (r, out) matmuls: their gradients are then 2-D contractions over
+    # rows, which XLA CPU runs without the transposed copies a contraction over (batch, seq) makes.
+    rows = h.reshape(-1, h.shape[-1])
+    low = rows @ a
+    delta = (low @ b.reshape(b.shape[0], -1)) * jnp.asarray(module.lora_scale, dtype)
+    return delta.reshape(*h.shape[:-1], *b.shape[1:])
 
 
 def _add_delta(module, x, out):

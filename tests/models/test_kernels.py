@@ -203,3 +203,22 @@ def test_gpu_attention_asks_cudnn_only_for_inputs_it_takes():
     assert attention_implementation(q(jnp.bfloat16, 256), "gpu") == "xla"
     assert attention_implementation(q(jnp.bfloat16, 64), "tpu") == "xla"
     assert attention_implementation(q(jnp.bfloat16, 64), "cpu") == "xla"
+
+
+@pytest.mark.parametrize("name", ["cpu", "xla"])
+def test_frozen_dense_has_dense_values_and_input_gradient_and_no_kernel_gradient(name):
+    """LoRA's frozen base layers: the same output and input gradient as the dense layer; the
+    kernel's cotangent is a zero (the CPU rule computes none)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 5, 16))
+    w = jax.random.normal(jax.random.PRNGKey(1), (16, 24))
+    dims = (((2,), (0,)), ((), ()))
+    with kernels.use(name):
+        def f(fn):
+            return lambda x, w: jnp.sum(jnp.sin(fn(x, w, dims)))
+
+        y0, (dx0, _) = jax.value_and_grad(f(kernels.dense_dot_general), argnums=(0, 1))(x, w)
+        y1, (dx1, dw1) = jax.value_and_grad(f(kernels.frozen_dense_dot_general), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(y1, y0, rtol=1e-6)
+    np.testing.assert_allclose(dx1, dx0, rtol=1e-5, atol=1e-6)
+    if name == "cpu":
+        np.testing.assert_array_equal(dw1, 0)

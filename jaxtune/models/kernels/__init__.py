@@ -102,10 +102,19 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
         out_sharding=out_sharding)
 
 
+def frozen_dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                             out_sharding=None):
+    """`dense_dot_general` for a kernel never differentiated (LoRA's frozen base): input gradient only."""
+    return KERNELS[current()].frozen_dense_dot_general(
+        lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type,
+        out_sharding=out_sharding)
+
+
 def gelu_exact(x):
     """PyTorch's exact GELU, `x/2 * (1 + erf(x/sqrt 2))`."""
     return KERNELS[current()].gelu_exact(x)
 
 
-__all__ = ["ENV_VAR", "KERNELS", "current", "dense_dot_general", "dot_product_attention", "gelu_exact",
+__all__ = ["ENV_VAR", "KERNELS", "current", "dense_dot_general", "dot_product_attention", "frozen_dense_dot_general",
+           "gelu_exact",
            "plain_autodiff", "use"]

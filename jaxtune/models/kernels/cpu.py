@@ -75,6 +75,40 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
                                out_sharding=out_sharding)
 
 
+@jax.custom_vjp
+def _frozen_dense(x, kernel):
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _frozen_dense_fwd(x, kernel):
+    return _frozen_dense(x, kernel), kernel
+
+
+def _frozen_dense_bwd(kernel, g):
+    # A frozen kernel (LoRA's base): the input gradient only, with `_dense_bwd`'s barrier. XLA's own
+    # transpose of the dot fused g's producer into a strided copy as described there; and the
+    # residuals are the kernel alone, not the (rows, in) activation.
+    (g,) = jax.lax.optimization_barrier((g,))
+    dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+    return dx.astype(g.dtype), None
+
+
+_frozen_dense.defvjp(_frozen_dense_fwd, _frozen_dense_bwd)
+
+
+def frozen_dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                             out_sharding=None):
+    """`dense_dot_general` for a kernel that is never differentiated (LoRA's frozen base): its
+    backward computes no kernel gradient (None: a symbolic zero)."""
+    plain = (dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2
+             and precision is None and preferred_element_type is None and out_sharding is None)
+    if plain and DENSE_BACKWARD.get():
+        return _frozen_dense(lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type,
+                               out_sharding=out_sharding)
+
+
 def dot_product_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, bias: Optional[jax.Array] = None,
                           *, dropout_rate: float = 0.0, deterministic: bool = True, rng: Optional[jax.Array] = None,
                           scale: Optional[float] = None, query_rows: Optional[int] = None) -> jax.Array:

@@ -24,6 +24,7 @@ def gelu_exact(x):
 
 
 dense_dot_general = jax.lax.dot_general
+frozen_dense_dot_general = jax.lax.dot_general  # XLA drops the unused kernel gradient itself
 
 
 def attention_implementation(q_BTNH: jax.Array, platform: str) -> str:
