@@ -180,6 +180,8 @@ class LoRAConfig:
     dropout: float = 0.0  # on the adapters' input (PEFT's lora_dropout)
     targets: Optional[str] = None  # a param path regex; None: the family's attention + MLP kernels
     train_also: Optional[list[str]] = None  # path regexes trained in full; None: a classifier's head
+    # QLoRA: the adapted (frozen) kernels stored quantized with blockwise scales, dequantized in the matmul
+    base_dtype: Optional[Literal["int8", "nf4"]] = None
 
 
 @dataclass(frozen=True)

@@ -250,6 +250,9 @@ def shardings_for(axes: dict, shapes: dict, mesh: Mesh, rules: Optional[dict] = 
     fallbacks = _Fallbacks()
     out = {}
     for path, leaf in flatten(shapes).items():
+        if not jax.tree_util.all_leaves([leaf]):  # a structured param (QLoRA's QTensor): its arrays replicated
+            out[path] = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), leaf)
+            continue
         shape = tuple(leaf.shape)
         names = _names_of(flat_axes.get(path), len(shape))
         out[path] = NamedSharding(mesh, spec_for(names, shape, mesh, rules, path_str(path), fallbacks))

@@ -132,6 +132,7 @@ def test_kill_9_then_resume_is_bit_identical(assets, reference):
     ({"targets": "LayerNorm"}, "bert/embeddings/LayerNorm/bias (shape (16,)), which is not the matrix of a linear layer"),
     ({"targets": "attention/self/qkv"}, "matches no parameter; it could match: bert/encoder/layer/N/attention/output/"),
     ({"rnk": 4}, "unknown key 'lora.rnk'; did you mean 'lora.rank'?"),
+    ({"base_dtype": "int4"}, "lora.base_dtype: 'int4' is not one of int8, nf4"),
 ])
 def test_bad_lora_settings_are_one_line_exit_2(assets, setting, message):
     root, recipe, env = assets
@@ -203,3 +204,27 @@ def test_export_peft_is_read_by_peft_and_model_adapter_continues_from_it(assets,
     proc = _tiny_run.cli("export", tmp_path / "from-adapter", tmp_path / "again", "--peft", env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "again" / "adapter_model.safetensors").is_file()
+
+
+def test_a_qlora_run_trains_on_the_nf4_base_and_exports_the_merged_model(assets, tmp_path):
+    """lora.base_dtype: nf4 in a recipe (8 fake devices): the run trains, its export (dequantized
+    base + adapters) is read by transformers with the logits jaxtune computes from the checkpoint."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from jaxtune.inference import load
+
+    out = tmp_path / "qlora"
+    root, recipe, env = assets
+    path = recipe(out, name="lora-nf4", lora=dict(LORA, base_dtype="nf4"), train__steps=6)
+    proc = _tiny_run.cli("run", path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LoRA rank 4 on 12 kernels" in proc.stdout and "nf4" in proc.stdout
+    ours = load(out)
+    tok = AutoTokenizer.from_pretrained(out / "export")
+    batch = tok(["good great day", "the food was awful and bad", "paper road"], padding=True, return_tensors="np")
+    mine = np.asarray(ours.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}).logits)
+    theirs = AutoModelForSequenceClassification.from_pretrained(out / "export").eval()
+    with torch.no_grad():
+        ref = theirs(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
+    np.testing.assert_allclose(mine, ref, atol=1e-4, rtol=0)

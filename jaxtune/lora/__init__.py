@@ -6,7 +6,8 @@
     merged = jaxtune.lora.merged_params(spec, jaxtune.lora.combine(trainable, frozen))
 
 Modules: `layers` (the adapted layer, adapter dropout), `apply` (targets, train_also, the split
-into trainable and frozen, merging), `steps` (loss / eval functions for the pure steps), `peft` (PEFT adapter folders, both ways).
+into trainable and frozen, merging), `steps` (loss / eval functions for the pure steps), `peft` (PEFT adapter folders, both ways),
+`quant` (QLoRA: the frozen base kernels as int8 / NF4 QTensors).
 """
 
 from jaxtune.lora.apply import (
@@ -15,8 +16,9 @@ from jaxtune.lora.apply import (
 )
 from jaxtune.lora.layers import LORA_LEAVES, dropout_keys, is_adapted
 from jaxtune.lora.peft import load_peft, read_adapter, save_peft
+from jaxtune.lora.quant import QTensor, quantize
 from jaxtune.lora.steps import make_eval_fn, make_loss_fn
 
-__all__ = ["LORA_LEAVES", "LoRASpec", "apply", "check", "combine", "default_targets",
+__all__ = ["LORA_LEAVES", "LoRASpec", "QTensor", "apply", "check", "combine", "default_targets",
            "default_train_also", "dropout_keys", "is_adapted", "is_lora", "load_peft", "make_eval_fn", "make_loss_fn",
-           "merged_params", "partition", "read_adapter", "save_peft", "select", "spec_of"]
+           "merged_params", "partition", "quantize", "read_adapter", "save_peft", "select", "spec_of"]

@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxtune.errors import ConfigError
 from jaxtune.lora.layers import LORA_LEAVES, adapt, frozen_dot_general, is_adapted
+from jaxtune.lora.quant import KINDS, is_quantized, quantize
 from jaxtune.models.pretrained import family_of
 from jaxtune.models.trees import flatten, path_str, split, unflatten
 
@@ -51,6 +52,7 @@ class LoRASpec:
     dropout: float
     targets: tuple  # the adapted kernels' paths (tuples)
     train_also: tuple  # regexes
+    base_dtype: Optional[str] = None  # QLoRA: the adapted kernels stored as 'int8' / 'nf4' (QTensor)
 
     @property
     def scale(self) -> float:
@@ -94,21 +96,27 @@ def _adaptable(module) -> bool:
 
 
 def apply(model, *, rank: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
-          targets: Optional[str] = None, train_also: Optional[Sequence[str]] = None, seed: int = 0) -> LoRASpec:
+          targets: Optional[str] = None, train_also: Optional[Sequence[str]] = None, seed: int = 0,
+          base_dtype: Optional[str] = None) -> LoRASpec:
     """Put LoRA adapters on `model`'s kernels matching `targets` (in place); returns the spec.
 
     `alpha` defaults to `2 * rank`; the adapters add `x @ A @ B * alpha / rank`; A starts random
     (seeded by `seed` and the path), B at zero, so the model's outputs do not change.
+    `base_dtype` ('int8' / 'nf4', QLoRA): each adapted kernel is replaced by its quantized
+    QTensor (`jaxtune.lora.quant`), dequantized in the layer's matmul.
     """
     if getattr(model, "lora_spec", None) is not None:
         raise ConfigError("lora: the model already has adapters")
     alpha = 2.0 * rank if alpha is None else float(alpha)
-    check(rank, alpha, dropout)
+    check(rank, alpha, dropout, base_dtype)
     hits, train_also, modules = select(model, targets, train_also)
     for i, path in enumerate(hits):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(path_str(path).encode()))
         adapt(modules[path[:-1]], rank=rank, alpha=alpha, dropout_rate=dropout, key=key, lora_id=i)
-    spec = LoRASpec(rank, alpha, float(dropout), tuple(hits), train_also)
+        if base_dtype is not None:
+            kernel = modules[path[:-1]].kernel
+            kernel.set_value(quantize(kernel[...], base_dtype))
+    spec = LoRASpec(rank, alpha, float(dropout), tuple(hits), train_also, base_dtype)
     # Frozen Linears that got no adapter (BERT's pooler) drop the CPU kernels' custom backward
     # too: it would compute their (unused) kernel gradient.
     for path, m in modules.items():
@@ -154,8 +162,10 @@ def select(model, targets: Optional[str] = None, train_also: Optional[Sequence[s
     return hits, train_also, modules
 
 
-def check(rank, alpha, dropout) -> None:
+def check(rank, alpha, dropout, base_dtype=None) -> None:
     """The lora settings' own rules (also run when a recipe is validated)."""
+    if base_dtype is not None and base_dtype not in KINDS:
+        raise ConfigError(f"lora.base_dtype must be one of {', '.join(KINDS)}, got {base_dtype!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"lora.rank must be a positive integer, got {rank!r}")
     if alpha < 0:
@@ -196,6 +206,8 @@ def merged_params(spec: LoRASpec, params: dict) -> dict:
     for kpath in spec.targets:
         base = kpath[:-1]
         a, b, w = flat[base + ("lora_a",)], flat[base + ("lora_b",)], flat[kpath]
+        if is_quantized(w):  # QLoRA: the dequantized base (what the model computed with)
+            w = w.dequantize()
         delta = jnp.tensordot(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), axes=1)
         out[kpath] = (jnp.asarray(w, jnp.float32) + spec.scale * delta).astype(w.dtype)
     return unflatten(out)

@@ -235,7 +235,7 @@ def apply_lora(recipe, model) -> Optional[lora.LoRASpec]:
     if lo is None:
         return None
     return lora.apply(model, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=lo.targets,
-                      train_also=lo.train_also, seed=recipe.train.seed)
+                      train_also=lo.train_also, seed=recipe.train.seed, base_dtype=lo.base_dtype)
 
 
 __all__ = ["Run", "apply_lora", "build", "build_data", "build_model", "build_optimizer", "check_lora", "check_model",
