@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 BLOCK = 64
 KINDS = ("int8", "nf4")
@@ -103,7 +104,11 @@ def quantize(w, kind: str) -> QTensor:
     else:
         codes = jnp.searchsorted(jnp.asarray(_NF4_MIDPOINTS), blocks / safe).astype(jnp.uint4)
         scale = safe
-    return QTensor(codes, scale.astype(jnp.float32), w.shape, w.dtype, kind)
+    q = QTensor(codes, scale.astype(jnp.float32), w.shape, w.dtype, kind)
+    sharding = getattr(w, "sharding", None)
+    if isinstance(sharding, NamedSharding):  # replicated on w's mesh, as the sharding rules place a QTensor
+        q = jax.device_put(q, jax.tree.map(lambda _: NamedSharding(sharding.mesh, PartitionSpec()), q))
+    return q
 
 
 def is_quantized(x) -> bool:
