@@ -32,7 +32,8 @@ from jaxtune.errors import JaxtuneError, ModelLoadError
 from jaxtune.models.activations import activation
 from jaxtune.models.config import ConfigBase
 from jaxtune.models.dropout import Dropout, KeySplitter, as_key
-from jaxtune.models.heads import run_base
+from jaxtune.models import decoder
+from jaxtune.models.decoder import segment_positions
 from jaxtune.models.kernels import dot_product_attention
 from jaxtune.models.layers import call_layer, embed, layer_norm, linear, normal
 from jaxtune.models.outputs import ModelOutput
@@ -119,17 +120,6 @@ class KVCache:
 
 # ---------------------------------------------------------------------------------------------
 # Masks and positions
-
-
-def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
-    """0, 1, 2, ... restarting wherever the segment id changes (packed examples)."""
-    T = segment_ids_BT.shape[1]
-    t = jnp.arange(T)
-    starts = jnp.concatenate(
-        [jnp.ones_like(segment_ids_BT[:, :1], bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1
-    )
-    first_BT = jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
-    return t - first_BT
 
 
 def mask_to_bias(allowed_BTS: jax.Array) -> jax.Array:
@@ -235,6 +225,7 @@ class GPT2Model(nnx.Module):
     """
 
     hf_architecture = "GPT2Model"
+    embed_tokens_attr = "wte"  # the word embedding a tied LM head decodes with
 
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -306,80 +297,20 @@ class GPT2Model(nnx.Module):
                            hidden_states=tuple(hidden) if output_hidden_states else None)
 
 
-class GPT2TaskModel(nnx.Module):
-    """The base model under `transformer`, as in transformers."""
+class GPT2HeadBase:
+    """GPT-2's heads: the base model under `transformer`, the cache `KVCache`."""
 
-    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
-        self.config = cfg
-        self.transformer = GPT2Model(cfg, rngs=rngs)
-
-    def encode(self, input_ids, attention_mask, token_type_ids, position_ids, segment_ids, *, cache=None,
-               deterministic, rngs, output_hidden_states) -> tuple[ModelOutput, KeySplitter]:
-        return run_base(self.transformer, input_ids, attention_mask, token_type_ids, position_ids, segment_ids,
-                        cache=cache, deterministic=deterministic, rngs=rngs,
-                        output_hidden_states=output_hidden_states)
+    base_prefix = "transformer"
+    base_cls = GPT2Model
+    cache_cls = KVCache
 
 
-class GPT2LMHeadModel(GPT2TaskModel):
-    """Next-token logits (B, T, V) from the tied word embeddings (or an untied `lm_head`)."""
-
+class GPT2LMHeadModel(GPT2HeadBase, decoder.DecoderForCausalLM):
     hf_architecture = "GPT2LMHeadModel"
 
-    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
-        super().__init__(cfg, rngs=rngs)
-        untied = not cfg.tie_word_embeddings
-        self.lm_head = linear(cfg, cfg.n_embd, cfg.vocab_size, ("embed", "vocab"), rngs=rngs,
-                              std=cfg.initializer_range, use_bias=False) if untied else None
 
-    def init_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated)."""
-        return KVCache.init(self.config, batch, max_len)
-
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 segment_ids=None, *, cache: Optional[KVCache] = None, last_only: bool = False,
-                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
-        """`last_only`: logits of the last position only, (B, V) (decoding needs nothing else)."""
-        out, _ = self.encode(input_ids, attention_mask, token_type_ids, position_ids, segment_ids, cache=cache,
-                             deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states)
-        h = out.last_hidden_state[:, -1] if last_only else out.last_hidden_state
-        logits = self.transformer.wte.attend(h) if self.lm_head is None else self.lm_head(h)
-        return out.replace(logits=logits.astype(jnp.float32))
-
-
-def last_token_index(input_ids_BT, pad_token_id: Optional[int]) -> jax.Array:
-    """transformers' rule: the rightmost token that is not `pad_token_id` (0 if all are pad)."""
-    B, T = input_ids_BT.shape
-    if pad_token_id is None:
-        if B != 1:
-            raise JaxtuneError(
-                "GPT2ForSequenceClassification: config pad_token_id is None, so the last token of a "
-                "padded row is unknown (transformers refuses batches > 1 too); set pad_token_id, "
-                "e.g. config_overrides={'pad_token_id': <the tokenizer's pad id>}"
-            )
-        return jnp.full((B,), T - 1)
-    non_pad_BT = (input_ids_BT != pad_token_id).astype(jnp.int32)
-    return jnp.argmax(jnp.arange(T) * non_pad_BT, axis=-1)
-
-
-class GPT2ForSequenceClassification(GPT2TaskModel):
-    """`score` (no bias) on the last non-pad token (see `last_token_index`)."""
-
+class GPT2ForSequenceClassification(GPT2HeadBase, decoder.DecoderForSequenceClassification):
     hf_architecture = "GPT2ForSequenceClassification"
-
-    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
-        super().__init__(cfg, rngs=rngs)
-        self.score = linear(cfg, cfg.n_embd, cfg.num_labels, ("embed", "classes"), rngs=rngs,
-                            std=cfg.initializer_range, use_bias=False)
-
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 segment_ids=None, *, deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
-        if segment_ids is not None:
-            raise JaxtuneError("GPT2ForSequenceClassification: packed rows (segment_ids) are not supported")
-        out, _ = self.encode(input_ids, attention_mask, token_type_ids, position_ids, None,
-                             deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states)
-        last_B = last_token_index(input_ids, self.config.pad_token_id)
-        h_BD = jnp.take_along_axis(out.last_hidden_state, last_B[:, None, None], axis=1)[:, 0]
-        return out.replace(logits=self.score(h_BD).astype(jnp.float32))
 
 
 # task -> head class: the family record's table (jaxtune.models.gpt2.FAMILY)

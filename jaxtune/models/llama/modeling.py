@@ -62,7 +62,8 @@ from jaxtune.errors import JaxtuneError, ModelLoadError
 from jaxtune.models.activations import activation
 from jaxtune.models.config import ConfigBase
 from jaxtune.models.dropout import KeySplitter, as_key
-from jaxtune.models.heads import run_base
+from jaxtune.models import decoder
+from jaxtune.models.decoder import segment_positions
 from jaxtune.models.kernels import dot_product_attention
 from jaxtune.models.layers import call_layer, embed, linear
 from jaxtune.models.outputs import ModelOutput
@@ -327,14 +328,6 @@ class KVCache:
         return self.mask.shape[1]
 
 
-def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
-    """0, 1, 2, ... restarting wherever the segment id changes (packed examples)."""
-    t = jnp.arange(segment_ids_BT.shape[1])
-    starts = jnp.concatenate(
-        [jnp.ones_like(segment_ids_BT[:, :1], bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
-    return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
-
-
 def attention_bias(slot_mask_BS, query_slots_T, segment_ids_BT=None, window: Optional[int] = None):
     """Additive (B, 1, T, S) float32 bias: key slot s <= query slot t (and t - s < window), key
     not padding, same segment; masked entries are float32's min (rows with no key stay finite)."""
@@ -450,6 +443,8 @@ class DecoderModel(nnx.Module):
     Llama ignores them.
     """
 
+    embed_tokens_attr = "embed_tokens"  # the word embedding a tied LM head decodes with
+
     hf_architecture = "LlamaModel"
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
@@ -509,80 +504,20 @@ class DecoderModel(nnx.Module):
                            hidden_states=tuple(hidden) if output_hidden_states else None)
 
 
-class DecoderTaskModel(nnx.Module):
-    """The base model under `model`, as in transformers."""
+class DecoderHeadBase:
+    """The Llama family's heads: the base model under `model`, the cache `KVCache`."""
 
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
-        self.config = cfg
-        self.model = DecoderModel(cfg, rngs=rngs)
-
-    def encode(self, input_ids, attention_mask, token_type_ids, position_ids, segment_ids, *, cache=None,
-               deterministic, rngs, output_hidden_states):
-        return run_base(self.model, input_ids, attention_mask, token_type_ids, position_ids, segment_ids,
-                        cache=cache, deterministic=deterministic, rngs=rngs,
-                        output_hidden_states=output_hidden_states)
+    base_prefix = "model"
+    base_cls = DecoderModel
+    cache_cls = KVCache
 
 
-class DecoderForCausalLM(DecoderTaskModel):
-    """Next-token logits (B, T, V) from `lm_head`, or the word embeddings when tied."""
-
+class DecoderForCausalLM(DecoderHeadBase, decoder.DecoderForCausalLM):
     hf_architecture = "LlamaForCausalLM"
 
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
-        super().__init__(cfg, rngs=rngs)
-        untied = not cfg.tie_word_embeddings
-        self.lm_head = linear(cfg, cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs=rngs,
-                              std=cfg.initializer_range, use_bias=False) if untied else None
 
-    def init_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated)."""
-        return KVCache.init(self.config, batch, max_len)
-
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 segment_ids=None, *, cache: Optional[KVCache] = None, last_only: bool = False,
-                 deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
-        """`last_only`: logits of the last position only, (B, V) (decoding needs nothing else)."""
-        out, _ = self.encode(input_ids, attention_mask, token_type_ids, position_ids, segment_ids, cache=cache,
-                             deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states)
-        h = out.last_hidden_state[:, -1] if last_only else out.last_hidden_state
-        logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
-        return out.replace(logits=logits.astype(jnp.float32))
-
-
-def last_token_index(input_ids_BT, pad_token_id: Optional[int], who: str) -> jax.Array:
-    """transformers' rule: the rightmost token that is not `pad_token_id` (0 if all are pad)."""
-    B, T = input_ids_BT.shape
-    if pad_token_id is None:
-        if B != 1:
-            raise JaxtuneError(
-                f"{who}: config pad_token_id is None, so the last token of a padded row is unknown "
-                "(transformers refuses batches > 1 too); set pad_token_id, e.g. "
-                "config_overrides={'pad_token_id': <the tokenizer's pad id>}")
-        return jnp.full((B,), T - 1)
-    non_pad_BT = (input_ids_BT != pad_token_id).astype(jnp.int32)
-    return jnp.argmax(jnp.arange(T) * non_pad_BT, axis=-1)
-
-
-class DecoderForSequenceClassification(DecoderTaskModel):
-    """`score` (no bias) on the last non-pad token (see `last_token_index`)."""
-
+class DecoderForSequenceClassification(DecoderHeadBase, decoder.DecoderForSequenceClassification):
     hf_architecture = "LlamaForSequenceClassification"
-
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
-        super().__init__(cfg, rngs=rngs)
-        self.score = linear(cfg, cfg.hidden_size, cfg.num_labels, ("embed", "classes"), rngs=rngs,
-                            std=cfg.initializer_range, use_bias=False)
-
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 segment_ids=None, *, deterministic: bool = True, rngs=None, output_hidden_states: bool = False):
-        who = type(self).__name__
-        if segment_ids is not None:
-            raise JaxtuneError(f"{who}: packed rows (segment_ids) are not supported")
-        out, _ = self.encode(input_ids, attention_mask, token_type_ids, position_ids, None,
-                             deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states)
-        last_B = last_token_index(input_ids, self.config.pad_token_id, who)
-        h_BD = jnp.take_along_axis(out.last_hidden_state, last_B[:, None, None], axis=1)[:, 0]
-        return out.replace(logits=self.score(h_BD).astype(jnp.float32))
 
 
 # The head classes of each model type: the same modules, named as transformers names them.
