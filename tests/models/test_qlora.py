@@ -146,3 +146,12 @@ def test_smollm2_base_memory_fp32_int8_nf4():
     assert sizes["int8"] == n + 4 * n // 64  # codes + one float32 scale per 64
     assert sizes["nf4"] == n // 2 + 4 * n // 64  # uint4 codes packed two per byte
     assert sizes["nf4"] <= 0.2 * sizes["float32"] and sizes["int8"] <= 0.3 * sizes["float32"]
+
+    # the whole frozen base: the tied 49152 x 576 embedding (and the norms) stay float32
+    frozen = flatten(lora.partition(model)[1])
+    rest = sum(v.size for p, v in frozen.items() if p not in kernels)
+    whole = {"float32": _argument_bytes(unflatten(frozen))}
+    whole["nf4"] = _argument_bytes(unflatten({p: quantize(v, "nf4") if p in kernels else v for p, v in frozen.items()}))
+    print(f"whole frozen base ({(n + rest) / 1e6:.1f}M values): float32 {whole['float32'] / 2**20:.1f} MiB, "
+          f"nf4 kernels {whole['nf4'] / 2**20:.1f} MiB ({whole['nf4'] / whole['float32']:.1%})")
+    assert whole["nf4"] == sizes["nf4"] + 4 * rest
