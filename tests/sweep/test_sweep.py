@@ -16,6 +16,11 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from jaxtune.config import load_recipe
+from jaxtune.errors import ConfigError
+from jaxtune.sweep.space import read_space
+from jaxtune.sweep.trial import run_trial
+
 import _tiny_run
 
 STEPS = {"train__steps": 8, "train__eval_every": 4}
@@ -129,6 +134,7 @@ def test_random_sampler_on_journal_storage(tiny):
     assert "2 done already" in more.stdout and more.stdout.count("=== trial 2:") == 2  # header + result
     check_folder(out, 3)
     assert not (out / "study.db").exists()
+    assert (out / "parallel.png").stat().st_size > 1000  # two keys, fewer than 4 complete trials
 
 
 def test_tpe_sampler_and_a_pruned_trial_keeps_its_checkpoint(tiny):
@@ -317,3 +323,35 @@ def test_hyperband_pruner_sees_every_evaluation(tiny):
     for t in done(load(out)):
         steps = [4] if t.state == TrialState.PRUNED else [4, 8]
         assert sorted(t.intermediate_values) == steps, t
+
+
+def test_a_sampled_combination_the_recipe_refuses_is_one_line_before_its_run(tiny, tmp_path):
+    """Each bound passes alone (checked before any trial); together they do not: the trial's
+    recipe is validated again and the trial fails before its run starts."""
+    root, recipe, *_ = tiny
+    base = load_recipe(recipe)  # train.steps 8, optim.warmup 2
+    sp = space(root, "combination", "train.steps: [4, 8]\noptim.warmup: [2, 6]\n")
+    dims = read_space(sp, base, "random")
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"train.steps": 4, "optim.warmup": 6})
+    with pytest.raises(ConfigError, match=r"trial 0's values .* make an invalid recipe: optim.warmup \(6 steps\) "
+                                          r"is longer than training \(train.steps=4\)"):
+        run_trial(study, study.ask(), dims, base, tmp_path, "accuracy", "max", str(sp))
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
+    assert not (tmp_path / "trials").exists()
+
+
+def test_a_trial_whose_loss_becomes_non_finite_ends_pruned(tiny):
+    root, recipe, warm, *_ = tiny
+    out = root / "nan"
+    sp = space(root, "nan", "optim.lr: {log_uniform: [1.0e-3, 1.0e-2]}\n")
+    proc = warm.run("sweep", recipe, sp, "--sampler", "random", "--trials", "1", "--output", out,
+                    env={"JAXTUNE_INJECT_NAN_STEP": "6"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "=== trial 0: pruned (non-finite loss (nan) at step 6" in proc.stdout
+    [row] = trials_csv(out)
+    assert (row["state"], row["stopped"]) == ("pruned", "non-finite loss"), row
+    [trial] = load(out).get_trials()
+    assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [4]
+    assert float(row["accuracy"]) == trial.intermediate_values[4]  # its last reported value
+    assert 4 in [int(p.name) for p in (out / "trials" / "0000" / "checkpoints").iterdir() if p.name.isdigit()]
