@@ -45,7 +45,7 @@ def run_loop(monkeypatch, *, overlap: bool, stop_at=None, start=0):
         events.append(("read", step, timed))
 
     monkeypatch.setattr(loop, "record_step", record)
-    monkeypatch.setattr(loop, "evaluate_if_due", lambda s, ev, state, step, w: events.append(("eval", step)))
+    monkeypatch.setattr(loop, "evaluate_if_due", lambda s, ev, state, step, w, on_evaluation: events.append(("eval", step)))
     monkeypatch.setattr(loop, "save_if_due", lambda s, step, state, val, stopping: events.append(("save", step, state)))
     monkeypatch.setattr(loop, "finish", lambda s, ev, state, step: {"finished": step, "state": state})
     ckpt = SimpleNamespace(wait=lambda: None, close=lambda: None, directory="ckpt")
