@@ -105,3 +105,16 @@ def test_malformed_overrides(text):
 def test_override_into_a_scalar_is_an_error():
     with pytest.raises(ConfigError, match="'task' is not a section"):
         apply_overrides({"task": "x"}, ["task.sub=1"])
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"model": {"path": "base", "adapter": "peft"}, "lora": {"rank": 4}},
+     "model.adapter brings its own LoRA settings (rank, alpha, targets, head); remove the lora section"),
+    ({"model": {"adapter": "peft", "config": {"model_type": "bert"}}},
+     "model.adapter needs model.path, the base model the adapter was trained on"),
+    ({"model": {"path": "base"}, "lora": {"base_dtype": "int4"}}, "lora.base_dtype: 'int4' is not one of int8, nf4"),
+])
+def test_lora_adapter_and_base_dtype_mistakes_are_one_line(raw, message):
+    with pytest.raises(ConfigError) as e:
+        from_dict({"task": "sequence-classification", **raw}, "r.yaml")
+    assert message in str(e.value) and "\n" not in str(e.value)
