@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import time
 import warnings
@@ -206,7 +207,7 @@ def test_export_peft_is_read_by_peft_and_model_adapter_continues_from_it(assets,
     assert (tmp_path / "again" / "adapter_model.safetensors").is_file()
 
 
-def test_a_qlora_run_trains_on_the_nf4_base_and_exports_the_merged_model(assets, tmp_path):
+def test_a_qlora_run_trains_on_the_nf4_base_and_exports_the_merged_model(assets, reference, tmp_path):
     """lora.base_dtype: nf4 in a recipe (8 fake devices): the run trains, its export (dequantized
     base + adapters) is read by transformers with the logits jaxtune computes from the checkpoint."""
     import torch
@@ -219,7 +220,9 @@ def test_a_qlora_run_trains_on_the_nf4_base_and_exports_the_merged_model(assets,
     path = recipe(out, name="lora-nf4", lora=dict(LORA, base_dtype="nf4"), train__steps=6)
     proc = _tiny_run.cli("run", path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "LoRA rank 4 on 12 kernels" in proc.stdout and "nf4" in proc.stdout
+    assert "LoRA rank 4 on 12 kernels (stored nf4)" in proc.stdout
+    params = re.compile(r"[\d.]+M params")  # the model's size, not its codes + scales
+    assert params.findall(proc.stdout) == params.findall(reference[1].stdout) != []
     ours = load(out)
     tok = AutoTokenizer.from_pretrained(out / "export")
     batch = tok(["good great day", "the food was awful and bad", "paper road"], padding=True, return_tensors="np")

@@ -29,7 +29,7 @@ import numpy as np
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import replace
 from jaxtune.errors import ConfigError, JaxtuneError
-from jaxtune.models import path_str
+from jaxtune.models import flatten, path_str
 from jaxtune.parallel import is_main_process
 from jaxtune.run.build import Run, build
 from jaxtune.run.folder import (
@@ -174,7 +174,8 @@ def describe(s: Session) -> list[str]:
     r, d = s.run, s.run.data
     recipe = r.recipe
     n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(r.params))
-    n_params = n_train + sum(int(np.prod(x.shape)) for x in jax.tree.leaves(r.frozen))
+    # by flattened path: a QLoRA base's QTensor counts its logical shape, not its codes + scales
+    n_params = n_train + sum(int(np.prod(x.shape)) for x in flatten(r.frozen).values())
     fresh = ", ".join(path_str(p) for p in r.fresh[:4]) if recipe.model.path else "all (from config)"
     mesh = " x ".join(f"{k}={v}" for k, v in r.plan.mesh.shape.items())
     lines = [
