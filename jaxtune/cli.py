@@ -14,6 +14,7 @@ import importlib.util
 import json
 import signal
 import sys
+import warnings
 
 import click
 
@@ -306,6 +307,9 @@ def entry():
     from jaxtune.host_memory import keep_host_memory
 
     user_errors(keep_host_memory)()
+    # A save that fails mid-write (a full disk) leaves orbax's write coroutines unawaited; Python
+    # reports each one at exit, after the one error line that already says what happened.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     main()
 
 
