@@ -45,7 +45,10 @@ DEFAULT_RULES = (
 )
 
 # Checkpoint key renames older HF checkpoints need (as transformers does on load).
-LEGACY_RENAMES = ((re.compile(r"\.gamma$"), ".weight"), (re.compile(r"\.beta$"), ".bias"))
+LEGACY_RENAMES = ((re.compile(r"\.gamma$"), ".weight"), (re.compile(r"\.beta$"), ".bias"),
+                  # torch.nn.utils.weight_norm's names (Wav2Vec2 / HuBERT positional convolution)
+                  (re.compile(r"\.weight_g$"), ".parametrizations.weight.original0"),
+                  (re.compile(r"\.weight_v$"), ".parametrizations.weight.original1"))
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ REGISTRY = {
     "roberta": "jaxtune.models.roberta",
     "xlm-roberta": "jaxtune.models.roberta",
     "vit": "jaxtune.models.vit",
+    "wav2vec2": "jaxtune.models.wav2vec2",
+    "hubert": "jaxtune.models.wav2vec2",
 }
 
 
