@@ -100,6 +100,10 @@ class DataConfig:
     hflip: bool = True  # random horizontal flips when augmenting
     num_threads: int = 2  # threads preparing batches in each process
     prefetch: int = 4  # batches prepared ahead
+    # Retention texts (jaxtune.retention): any data spec, scored by the current backbone at step 0
+    # and at every evaluation (forgetting, measured); EWC's Fisher is estimated on them
+    retention: Optional[str] = None
+    retention_column: Optional[str] = None  # None: text_column
 
 
 @dataclass(frozen=True)

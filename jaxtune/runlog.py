@@ -170,9 +170,10 @@ def plot_curves(run_dir, metric: Optional[str] = None) -> Optional[Path]:
     val = [m for m in lines if m.get("split") == "validation"]
     if not train and not val:
         return None
+    retention = [m for m in lines if m.get("split") == "retention"]  # data.retention (jaxtune.retention)
     # A Figure without pyplot: no global backend or figure registry to set or clean up.
-    fig = Figure(figsize=(10, 4))
-    a, b = fig.subplots(1, 2)
+    fig = Figure(figsize=(15 if retention else 10, 4))
+    a, b, *more = fig.subplots(1, 3 if retention else 2)
     a.plot([m["step"] for m in train], [m["loss"] for m in train], label="train loss")
     vl = [m for m in val if m.get("loss") is not None]
     if vl:
@@ -190,12 +191,34 @@ def plot_curves(run_dir, metric: Optional[str] = None) -> Optional[Path]:
     b.set_title("validation")
     if b.get_legend_handles_labels()[0]:
         b.legend()
+    if retention:
+        _plot_retention(more[0], retention)
     fig.tight_layout()
     out = Path(run_dir) / PLOT_FILE
     tmp = out.with_name(out.stem + ".tmp.png")
     fig.savefig(tmp, dpi=80)
     tmp.replace(out)
     return out
+
+
+def _plot_retention(ax, lines: list[dict]) -> None:
+    """The retention metrics against the step (step 0: the pretrained model); perplexity, which
+    lives on another scale, on its own right-hand axis."""
+    names = [k for k in lines[0] if k not in ("step", "split", "perplexity")]
+    for k in names:
+        pts = [m for m in lines if isinstance(m.get(k), (int, float))]
+        ax.plot([m["step"] for m in pts], [m[k] for m in pts], "o-", label=k)
+    pts = [m for m in lines if isinstance(m.get("perplexity"), (int, float))]
+    if pts:
+        right = ax.twinx()
+        right.plot([m["step"] for m in pts], [m["perplexity"] for m in pts], "s--", color="tab:red",
+                   label="perplexity")
+        right.set_ylabel("perplexity")
+        right.legend(loc="lower right")
+    ax.set_xlabel("step")
+    ax.set_title("retention (step 0: pretrained)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right")
 
 
 class Stopwatch:

@@ -36,7 +36,8 @@ from jaxtune.run.build import Run
 from jaxtune.run.folder import EXPORT, write_summary
 from jaxtune.run.progress import after_evaluation, after_log_line, after_train_step, window_means
 from jaxtune.run.session import Session, check_metric_names, checkpointed  # noqa: F401  (re-exported: the loop's check)
-from jaxtune.runlog import fmt_metrics
+from jaxtune.retention import SPLIT as RETENTION, retention_summary
+from jaxtune.runlog import fmt_metrics, read_metrics
 from jaxtune.tasks.model_fns import evaluate, make_eval_fn, make_loss_fn
 from jaxtune.train import make_eval_step, make_train_step
 
@@ -153,6 +154,7 @@ def evaluate_if_due(s: Session, eval_step, state, step: int, window: Window,
     s.say(f"eval step {step}: {fmt_metrics(val)}{notes[0]}")
     for note in notes[1:]:
         s.say(note)
+    log_retention(s, state, step)
     if on_evaluation is not None and s.progress.stopped is None:
         # e.g. a sweep's pruner: the reason becomes progress.stopped, so the loop ends after
         # this step's checkpoint, a resume does not train on, and summary.json says why
@@ -162,6 +164,18 @@ def evaluate_if_due(s: Session, eval_step, state, step: int, window: Window,
             s.say(f"stopped at step {step}: {reason}")
     window.reset()  # examples/s: training only
     return val
+
+
+def log_retention(s: Session, state, step: int) -> Optional[dict]:
+    """data.retention's measure of `state` (`jaxtune.retention`), logged as split 'retention'
+    (TensorBoard: retention/<metric>); None without retention data."""
+    r = s.run.retention
+    if r is None:
+        return None
+    m = r.evaluate(state)
+    s.log.write(step, RETENTION, m)
+    s.say(f"retention step {step} ({r.measure}, {r.num_texts} texts): {fmt_metrics(m)}")
+    return m
 
 
 def checkpoint_due(run: Run, step: int) -> bool:
@@ -231,6 +245,8 @@ def _summary(s: Session, step: int, model_step: int, best: Optional[int], test, 
             "steps": step - s.start_step,  # 0: it only tested and exported a finished run
         },
         "export": str(export),
+        "retention": (retention_summary(read_metrics(s.out), s.run.retention, model_step)
+                      if s.run.retention is not None else None),
         "data": {
             "num_examples": d.num_examples,
             "steps_per_epoch": d.steps_per_epoch,
@@ -263,4 +279,4 @@ def _say_result(s: Session, summary: dict, model_step: int, best: Optional[int],
 
 
 __all__ = ["NAN_ENV", "NonFiniteLoss", "OnEvaluation", "Window", "check_metric_names", "checkpoint_due", "compile_steps",
-           "evaluate_if_due", "finish", "next_batch", "record_step", "run_eval", "save_if_due"]
+           "evaluate_if_due", "finish", "log_retention", "next_batch", "record_step", "run_eval", "save_if_due"]

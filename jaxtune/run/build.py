@@ -25,6 +25,7 @@ from jaxtune.models import (
 from jaxtune.models.pretrained import make_config
 from jaxtune.optim import Optimizer, make_optimizer, pretrained_tree
 from jaxtune.paths import resolve_path
+from jaxtune.retention import Retention, build_retention
 from jaxtune.tasks import get_task
 from jaxtune.tasks.base import Task
 
@@ -45,6 +46,7 @@ class Run:
     abstract: Any  # the TrainState as ShapeDtypeStructs with shardings
     preprocessing: Optional[str]  # folder whose tokenizer / preprocessor files an export copies
     lora: Optional[lora.LoRASpec] = None  # a LoRA run: params = adapters + train_also
+    retention: Optional[Retention] = None  # data.retention: scored at step 0 and every evaluation
 
     @property
     def has_validation(self) -> bool:
@@ -203,9 +205,12 @@ def build(recipe, *, tokenizer=None, images=None, preprocessing: Optional[str] =
     optimizer = build_optimizer(recipe, model, params, fresh, total)
     abstract = plan.abstract_state(params, optimizer, param_sh, rng=recipe.train.seed, model_state=frozen,
                                    model_state_shardings=frozen_sh)
+    retention = build_retention(recipe, plan=plan, model=model, tokenizer=tokenizer, spec=spec,
+                                abstract_state=abstract)
     return Run(recipe=recipe, plan=plan, data=data, model=model, fresh=fresh,
                task=get_task(recipe.task, model.config), total_steps=total, optimizer=optimizer,
-               param_shardings=param_sh, abstract=abstract, preprocessing=preprocessing, lora=spec)
+               param_shardings=param_sh, abstract=abstract, preprocessing=preprocessing, lora=spec,
+               retention=retention)
 
 
 def is_lora_recipe(recipe) -> bool:

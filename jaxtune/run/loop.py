@@ -34,8 +34,8 @@ import jax
 from jaxtune import parallel
 from jaxtune.errors import ConfigError
 from jaxtune.run.actions import (
-    OnEvaluation, Window, check_metric_names, checkpoint_due, compile_steps, evaluate_if_due, finish, next_batch,
-    record_step, save_if_due,
+    OnEvaluation, Window, check_metric_names, checkpoint_due, compile_steps, evaluate_if_due, finish, log_retention,
+    next_batch, record_step, save_if_due,
 )
 from jaxtune.run.session import Session, open_session
 from jaxtune.run.signals import StopSignal
@@ -69,6 +69,8 @@ def train(s: Session, on_evaluation: Optional[OnEvaluation] = None) -> dict:
         train_step, eval_step = compile_steps(s.run)
         check_metric_names(s.run)
         window, overlap = Window(), can_overlap_steps()
+        if s.start_step == 0:  # the pretrained model's retention: the reference (a resume has it logged)
+            log_retention(s, state, 0)
         while step < s.run.total_steps and s.progress.stopped is None:
             t0 = time.perf_counter()
             state, metrics = train_step(state, next_batch(s, step + 1))
