@@ -42,6 +42,6 @@ def test_examples_and_definitions(wordnet):
 
 def test_main_writes_jsonl(wordnet, tmp_path):
     out = tmp_path / "out" / "r.jsonl"
-    assert retention_text.main([str(out), "--n", "2", "--field", "gloss", "--wordnet", str(wordnet)]) == 0
+    assert retention_text.main([str(out), "--n", "2", "--field", "gloss", "--min-words", "2", "--wordnet", str(wordnet)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and all(r["text"] == r["gloss"] for r in rows)
