@@ -115,6 +115,15 @@ class UnfreezeConfig:
 
 
 @dataclass(frozen=True)
+class EWCConfig:
+    # Elastic weight consolidation (jaxtune.ewc): strength / 2 * sum F (theta - theta0)^2 added to
+    # the loss, F the diagonal Fisher of the pretraining objective on data.retention (scaled to mean
+    # 1 over the penalised weights, so strength reads like an L2 coefficient), from `samples` draws
+    strength: float = 1.0
+    samples: int = 256
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     name: OptimizerName = "adamw"
     lr: float = 5e-5
@@ -135,6 +144,7 @@ class OptimConfig:
     eps: Optional[float] = None  # None: 1e-8 for adamw, 1e-30 for adafactor
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
+    ewc: Optional[EWCConfig] = None  # None: no EWC penalty
 
 
 @dataclass(frozen=True)
@@ -369,6 +379,10 @@ def _check(recipe: Recipe, src: str) -> None:
                           "remove the lora section")
     if recipe.model.adapter is not None and recipe.model.path is None:
         raise ConfigError(f"{src}: model.adapter needs model.path, the base model the adapter was trained on")
+    if o.ewc is not None and d.retention is None:
+        raise ConfigError(f"{src}: optim.ewc estimates its Fisher on data.retention; set data.retention")
+    if o.ewc is not None and (recipe.lora is not None or recipe.model.adapter is not None):
+        raise ConfigError(f"{src}: optim.ewc applies to full fine-tuning; a LoRA run keeps its base frozen already")
     lo = recipe.lora
     if lo is not None:  # what needs the model (targets that are not matrices) is checked by build
         if lo.rank < 1:
@@ -425,6 +439,11 @@ def check_optim(o: OptimConfig, src: str = "") -> None:
     for pattern, factor in o.lr_multipliers.items():
         if factor < 0:
             bad(f"lr_multipliers: factor for {pattern!r} must be >= 0, got {factor}")
+    if o.ewc is not None:
+        if o.ewc.strength < 0:
+            bad(f"ewc.strength must be >= 0, got {o.ewc.strength}")
+        if o.ewc.samples < 1:
+            bad(f"ewc.samples must be >= 1, got {o.ewc.samples}")
     if o.unfreeze is not None:
         if o.unfreeze.every < 1:
             bad(f"unfreeze.every must be >= 1 (updates between groups), got {o.unfreeze.every}")

@@ -3,7 +3,8 @@
 `make_optimizer(cfg, params, pretrained=..., depth_of=..., total_steps=...)` returns an `Optimizer`
 whose `tx` is ONE `optax.GradientTransformation`, in this order:
 
-    clip (global norm)
+    EWC penalty gradient (optim.ewc: strength * Fisher * (theta - theta0), jaxtune.ewc), masked
+    -> clip (global norm)
     -> base optimizer without learning rate (scale_by_adam | adafactor | sgd momentum | lion)
     -> decoupled weight decay, masked (no biases, no norm parameters, embeddings only with
        decay_embeddings): toward zero, or toward the pretrained weights (L2-SP, theta0 in state)
@@ -31,6 +32,7 @@ import numpy as np
 import optax
 
 from jaxtune.config import OptimConfig, check_optim
+from jaxtune.ewc import ewc
 from jaxtune.errors import ConfigError
 from jaxtune.models.trees import flatten, path_str, unflatten
 from jaxtune.transforms import decay_toward_pretrained, gradual_unfreeze, lookup, scale_by_factors
@@ -246,6 +248,10 @@ def make_optimizer(
 
     schedule = make_schedule(cfg, total_steps)
     parts = []
+    if cfg.ewc is not None:  # EWC's penalty is part of the loss gradient: first, before clipping
+        fresh_paths = {p for p in flat if pre_flat is not None and pre_flat.get(p) is None}
+        held = {p: labels[p] == "train" and p not in fresh_paths for p in flat}
+        parts.append(ewc(cfg.ewc.strength, mask=lookup(unflatten(held))))
     if cfg.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
     parts.append(base_optimizer(cfg))

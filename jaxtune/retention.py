@@ -301,12 +301,18 @@ class Retention:
 
     # -- host side -----------------------------------------------------------------------
 
-    def batches(self):
-        """(sharded batch, host weights) of the retention texts, in order, each once."""
+    def host_batches(self):
+        """This process's rows of each batch of the retention texts (numpy), in order, each text
+        once; masked-LM: with the fixed masks."""
         for i, b in enumerate(self.data.eval_batches("train")):
             if self.measure == "masked-lm":
                 b = mask_tokens(b, mask_id=self.mask_id, special_ids=self.special_ids,
                                 seed=i * self.data.shard_count + self.data.shard_index)
+            yield b
+
+    def batches(self):
+        """(sharded batch, host weights) of the retention texts, in order, each once."""
+        for b in self.host_batches():
             yield self.plan.shard_batch(b), b["weights"]
 
     def _jit(self, name: str, fn, first_sh):

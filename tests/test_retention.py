@@ -1,7 +1,7 @@
 """Retention (`data.retention`, jaxtune.retention): each measure against transformers (PyTorch) on
 the same texts, the run's records (metrics.jsonl, TensorBoard, curves.png, summary.json) with the
-pretrained reference at step 0, a resume that logs each step once, and bad retention data as one
-line before training."""
+pretrained reference at step 0, and bad retention data as one line before training (that a resume
+logs each retention step once is tested with EWC's resume, tests/test_ewc.py)."""
 
 from __future__ import annotations
 
@@ -115,14 +115,6 @@ def test_embedding_measure_matches_torch_and_is_logged_everywhere(assets, embedd
     assert json.loads((out / "summary.json").read_text())["retention"] == r
     assert {"retention/rank_correlation", "retention/cosine_to_pretrained"} <= _tb_tags(out / "tensorboard")
     assert Image.open(out / "curves.png").size[0] == 1200  # three panels (15 in at 80 dpi): retention's added
-
-
-def test_a_resumed_run_logs_each_retention_step_once(embedding_run):
-    path, out, _ = embedding_run
-    summary = run(load_recipe(path, ["train.steps=18"]))  # resumes from step 12, evaluates at 18
-    steps = [m["step"] for m in read_metrics(out) if m["split"] == "retention"]
-    assert steps == [0, 6, 12, 18]
-    assert summary["retention"]["last"]["step"] == 18 and summary["retention"]["pretrained"]["rank_correlation"] == 1.0
 
 
 def _fresh_state(r):

@@ -26,6 +26,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from jaxtune import ewc
 from jaxtune.checkpoint import Checkpoints
 from jaxtune.config import replace
 from jaxtune.errors import ConfigError, JaxtuneError
@@ -132,7 +133,7 @@ def _open(recipe, folder: RunDir, changed: bool, stamp: str) -> Session:
     out, resume, main = folder.path, folder.resume, is_main_process()
     run = build(recipe)
     check_metric_names(run)
-    ckpt = None
+    ckpt, ewc_note = None, None
     try:
         if resume:
             ckpt = _checkpoints(out, recipe)
@@ -149,6 +150,8 @@ def _open(recipe, folder: RunDir, changed: bool, stamp: str) -> Session:
             # the frozen base joins as it is (already on its shardings): through the jit it would be copied
             state = state.replace(model_state=run.frozen)
             iterator, progress, start = run.data.train_iterator(), Progress(), 0
+            if recipe.optim.ewc is not None:  # the Fisher at the pretrained params, before the first step
+                state, ewc_note = ewc.prepare(run, state)
             ckpt = _checkpoints(out, recipe)  # creates checkpoints/: not before the state exists
     except BaseException:
         if ckpt is not None:
@@ -166,6 +169,8 @@ def _open(recipe, folder: RunDir, changed: bool, stamp: str) -> Session:
                       restored.step if restored is not None else None, Stopwatch(progress.elapsed_s))
     for line in describe(session):
         session.say(line)
+    if ewc_note:
+        session.say(ewc_note)
     return session
 
 
