@@ -4,6 +4,7 @@
     python tools/bench.py --batch 16 --seq 64 --json bench.json
     python tools/bench.py --compare-tree /tmp/base --no-torch   # this jaxtune against another tree
     python tools/bench.py --task causal-lm      # SmolLM2-135M (the packaged GGUF), batch 4, seq 128
+    python tools/bench.py --model DIR --dtype bfloat16   # on a GPU: both sides there, bf16 compute
 
 Both sides run a full training step (forward, backward, global-norm clip 1.0, AdamW with weight
 decay, dropout on) and an eval step (forward to logits, loss and predictions, no gradients) on
@@ -21,8 +22,13 @@ says the machine was unsteady, and the run should be repeated.
 It also prints each side's median examples/s over all its timed steps, the matmul FLOPs each side
 executes per step (counted analytically: jaxtune's classification head runs the last layer for
 the [CLS] token alone, transformers runs it for every token), the achieved GFLOP/s and its
-fraction of this machine's fp32 matmul peak, measured in the same run (the best of numpy, torch
+fraction of this machine's matmul peak in the compute dtype, measured in the same run (the best of numpy, torch
 and jax on a large square matmul).
+
+`--dtype bfloat16` is mixed precision on both sides: fp32 weights and optimizer, bf16 matmuls
+(jaxtune's `compute_dtype`, torch's `autocast`), and the peak is then a bf16 matmul's. Both sides
+run on JAX's default backend's kind of device (a GPU when JAX has one: torch moves the model
+to `cuda`), and the peak is measured there on a larger matmul.
 
 torch is needed only for the comparison side (`--no-torch` skips it). `--compare-tree PATH` adds
 the jaxtune package of another source tree (a checkout of an older commit, say) as one more side,
@@ -198,19 +204,31 @@ def decoder_flops(cfg: dict, batch: int, seq: int) -> dict:
     return {"forward": forward, "train": 3 * forward}
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> dict:
-    """fp32 GFLOP/s of an n x n matmul in numpy, jax and torch (whichever are installed)."""
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def matmul_peak_gflops(n: Optional[int] = None, reps: int = 5, dtype: str = "float32") -> dict:
+    """GFLOP/s of an n x n matmul in `dtype`, in numpy (CPU fp32 only), jax and torch (whichever
+    are installed), on JAX's default backend's kind of device (n: 2048 on a CPU, 8192 on a GPU)."""
+    n = n or (8192 if on_gpu() else 2048)
     flops = 2 * n**3
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    out = {"numpy": flops / median_time(lambda: a @ a, reps, 1) / 1e9}
-    x = jnp.asarray(a)
+    out = {}
+    if not on_gpu() and dtype == "float32":
+        out["numpy"] = flops / median_time(lambda: a @ a, reps, 1) / 1e9
+    x = jnp.asarray(a, dtype=dtype)
     f = jax.jit(lambda m: m @ m)
     out["jax"] = flops / median_time(lambda: f(x).block_until_ready(), reps, 2) / 1e9
     try:
         import torch  # optional: the comparison side
 
-        t = torch.from_numpy(a)
-        out["torch"] = flops / median_time(lambda: t @ t, reps, 1) / 1e9
+        t = torch.from_numpy(a).to(torch_device(), getattr(torch, dtype))
+
+        def torch_matmul():
+            (t @ t)[0, 0].item()  # waits for the GPU
+
+        out["torch"] = flops / median_time(torch_matmul, reps, 1) / 1e9
     except ImportError:
         pass
     return out
@@ -254,13 +272,14 @@ def jaxtune_from(tree: Optional[str]):
 
 
 def jaxtune_side(model_dir: str, batch: dict, num_labels: int, warmup: int, tree: Optional[str] = None,
-                 task: str = "sequence-classification") -> dict:
+                 task: str = "sequence-classification", dtype: str = "float32") -> dict:
     """jaxtune's train and eval steps on `batch`, compiled and warmed up: {"train": fn, "eval":
     fn, "info": {...}}. `tree`: another source tree's jaxtune (see jaxtune_from)."""
     with jaxtune_from(tree):
         jt = jaxtune_modules()
         labels = {"num_labels": num_labels} if task == "sequence-classification" else {}
-        model = jt.jaxtune.from_pretrained(model_dir, task=task, **labels)
+        compute = {} if dtype == "float32" else {"compute_dtype": dtype}  # weights stay fp32
+        model = jt.jaxtune.from_pretrained(model_dir, task=task, **labels, **compute)
         _, params, _ = jt.models.split(model)
         opt = jt.optim.make_optimizer(
             jt.config.OptimConfig(name="adamw", lr=5e-5, weight_decay=0.01, clip_norm=1.0, schedule="constant"),
@@ -312,18 +331,27 @@ def torch_model(model_path: str, task: str, num_labels: int):
                                                               num_labels=num_labels)
 
 
-def torch_side(model_dir: str, batch: dict, num_labels: int, warmup: int, task: str = "sequence-classification") -> dict:
+def torch_device() -> str:
+    return "cuda" if on_gpu() else "cpu"
+
+
+def torch_side(model_dir: str, batch: dict, num_labels: int, warmup: int, task: str = "sequence-classification",
+               dtype: str = "float32") -> dict:
     import torch  # optional: the comparison side
 
-    model = torch_model(model_dir, task, num_labels)
+    device = torch_device()
+    model = torch_model(model_dir, task, num_labels).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
-    inputs = {k: torch.from_numpy(v).long() for k, v in batch.items() if k != "labels" and k != "weights"}
+    inputs = {k: torch.from_numpy(v).long().to(device) for k, v in batch.items() if k not in ("labels", "weights")}
     # causal-lm: labels (B, T) unshifted, -100 where no loss applies, as jaxtune's batches
-    labels = torch.from_numpy(batch["labels"]).long()
+    labels = torch.from_numpy(batch["labels"]).long().to(device)
+    # mixed precision as jaxtune's compute_dtype: fp32 weights, bf16 matmuls
+    autocast = functools.partial(torch.autocast, device, dtype=getattr(torch, dtype), enabled=dtype != "float32")
 
     def train_once():
         model.train()
-        out = model(**inputs, labels=labels)
+        with autocast():
+            out = model(**inputs, labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -332,7 +360,7 @@ def torch_side(model_dir: str, batch: dict, num_labels: int, warmup: int, task: 
 
     def eval_once():
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             out = model(**inputs, labels=labels)  # loss and predictions, as jaxtune's eval step
             out.logits.argmax(-1)
             out.loss.item()
@@ -341,7 +369,7 @@ def torch_side(model_dir: str, batch: dict, num_labels: int, warmup: int, task: 
         train_once()
     for _ in range(warmup):
         eval_once()
-    return {"train": train_once, "eval": eval_once, "info": {"threads": torch.get_num_threads()}}
+    return {"train": train_once, "eval": eval_once, "info": {"threads": torch.get_num_threads(), "device": device}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +382,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, help="default: 32 (sequence-classification), 4 (causal-lm)")
     p.add_argument("--seq", type=int, help="default: 128")
     p.add_argument("--labels", type=int, default=3)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype of both sides (weights and optimizer stay fp32)")
     p.add_argument("--rounds", type=int, default=5, help="rounds of turns (a ratio per round; median reported)")
     p.add_argument("--steps", type=int, default=2, help="timed steps of each side per round, train and eval")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each side before the rounds")
@@ -372,10 +402,11 @@ def main(argv=None) -> dict:
     args.seq = args.seq or DEFAULT_SHAPES[args.task][1]
     model_dir, cfg = model_config(args.model)
     batch = make_batch(cfg, args.task, args.batch, args.seq, args.labels)
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(dtype=args.dtype)
     peak_best = max(peak.values())
 
-    side = functools.partial(jaxtune_side, model_dir, batch, args.labels, args.warmup, task=args.task)
+    side = functools.partial(jaxtune_side, model_dir, batch, args.labels, args.warmup, task=args.task,
+                             dtype=args.dtype)
     sides = {BASE: side()}
     if args.task == "causal-lm":
         flops = {BASE: decoder_flops(cfg, args.batch, args.seq)}
@@ -386,14 +417,16 @@ def main(argv=None) -> dict:
         sides[other] = side(tree=str(Path(args.compare_tree).resolve()))
         flops[other] = flops[BASE]  # counted as this tree's (an older tree's heads may run more)
     if not args.no_torch:
-        sides["pytorch"] = torch_side(model_dir, batch, args.labels, args.warmup, task=args.task)
+        sides["pytorch"] = torch_side(model_dir, batch, args.labels, args.warmup, task=args.task, dtype=args.dtype)
         flops["pytorch"] = (flops[BASE] if args.task == "causal-lm"
                             else encoder_flops(cfg, args.batch, args.seq, args.labels))
     times = alternate(sides, args.rounds, args.steps)
 
     result = {
         "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}",
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}, jax {jax.__version__}"
+                   f" on {jax.devices()[0].device_kind}",
+        "dtype": args.dtype,
         "model": args.model,
         "task": args.task,
         "batch": args.batch,
@@ -435,10 +468,10 @@ def main(argv=None) -> dict:
 
 def print_table(r: dict) -> None:
     print(f"$ {r['command']}")
-    print(f"{r['model']}  {r['task']}  batch {r['batch']}  seq {r['seq']}  fp32  ({r['machine']})")
+    print(f"{r['model']}  {r['task']}  batch {r['batch']}  seq {r['seq']}  {r['dtype']}  ({r['machine']})")
     kept = "kept for reuse (jaxtune/host_memory.py)" if r["host_memory_kept"] else "glibc defaults"
     print(f"host memory, all sides: {kept}")
-    print("fp32 matmul peak GFLOP/s: " + ", ".join(f"{k} {v}" for k, v in r["matmul_peak_gflops"].items()))
+    print(f"{r['dtype']} matmul peak GFLOP/s: " + ", ".join(f"{k} {v}" for k, v in r["matmul_peak_gflops"].items()))
     sides = [BASE, *r["ratios"]]
     n = r["steps_per_round"]
     print(f"{r['rounds']} rounds of {n} train + {n} eval steps per side, the sides in turns: "
