@@ -176,7 +176,8 @@ def sweep_cmd(recipe, space, overrides, trials, sampler, pruner, metric, mode, o
 @click.option("--task", default=None, help="Head to compare (default: from the checkpoint's architectures).")
 @click.option("--atol", default=1e-4, show_default=True, help="Largest max-abs difference that passes.")
 @click.option("--batch", default=2, show_default=True, help="Rows in the random batch.")
-@click.option("--seq", default=16, show_default=True, help="Tokens per row (rows are right-padded).")
+@click.option("--seq", default=16, show_default=True,
+              help="Tokens per row (rows are right-padded; speech models: samples, at least two receptive fields).")
 @user_errors
 def verify_cmd(model_dir, task, atol, batch, seq):
     """Compare jaxtune with transformers (PyTorch) on MODEL_DIR; exit 1 above --atol."""

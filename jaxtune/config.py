@@ -50,6 +50,9 @@ class ModelConfig:
     # A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) for the base in
     # `path`: a LoRA run that starts from its adapters and head (rank, alpha, targets from the folder).
     adapter: Optional[str] = None
+    # speech models (wav2vec2, hubert): the convolutional feature encoder does not train, as in the
+    # wav2vec 2.0 paper's fine-tuning; set false for a model trained from scratch
+    freeze_feature_encoder: bool = True
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,9 @@ class DataConfig:
     text_pair_column: Optional[str] = None
     label_column: str = "label"
     image_column: str = "image"
+    audio_column: str = "audio"  # speech (task ctc): the column of audio file paths
+    # speech: longer recordings are refused (or, with skip_bad_rows, dropped and counted)
+    max_seconds: float = 20.0
     prompt_column: Optional[str] = None  # causal-lm pairs: loss only on the response
     response_column: Optional[str] = None
     # causal-lm: prompt / response built from any columns, str.format style ("Sentiment?\n{text}")

@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import dataset_builder, dataset_info
 
+from jaxtune.data.audio import read_audio_tables
 from jaxtune.data.labels import LabelMap
 from jaxtune.data.readers import Table, read_bytes, read_table, unreadable
 from jaxtune.data.report import DataReport
@@ -86,6 +87,8 @@ def prepare_local(specs: dict[str, Spec], schema: Schema, cfg, cache_root: Path)
             raise DataError("mixing images: and idx: specs across splits is not supported")
     elif kinds & {"images", "idx"}:
         raise DataError(f"images:/idx: data needs task image-classification, not a {schema.kind} task")
+    if schema.kind != "audio" and "audio" in kinds:
+        raise DataError(f"audio: data needs a speech task (ctc), not a {schema.kind} task")
     held = heldout_fractions(cfg, specs)
     options = {
         "encoding": cfg.encoding,
@@ -96,6 +99,9 @@ def prepare_local(specs: dict[str, Spec], schema: Schema, cfg, cache_root: Path)
         "deduplicate": dedup_default(cfg, schema),
         "skip_bad_rows": cfg.skip_bad_rows,
     }
+    if schema.kind == "audio":  # a table's audio files (under its folder) count like its content
+        options["audio_files"] = {s: _dir_digest(spec.paths[0].parent) for s, spec in specs.items()
+                                  if spec.kind != "audio"}
     fp = fingerprint(specs, schema, options)
     stem = specs["train"].paths[0].stem.split(".")[0] or "data"
     final = Path(cache_root) / "local" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)[:40]}-{fp[:16]}"
@@ -162,6 +168,8 @@ def _features(schema: Schema, problem: Optional[str], names, tables: dict[str, T
         d = {"tokens": F.Sequence(F.Text()), "tags": F.Sequence(F.ClassLabel(names=names))}
     elif schema.kind == "lm":
         d = {k: F.Tensor(shape=(None,), dtype=np.int64) if k == "spans" else F.Text() for k in schema.stored}
+    elif schema.kind == "audio":  # the waveform as a plain Tensor: tfds' Audio feature needs TensorFlow
+        d = {"audio": F.Tensor(shape=(None,), dtype=np.float32), "text": F.Text()}
     else:
         first = tables["train"].rows[0]["image"]
         if isinstance(first, np.ndarray):  # IDX: raw pixels, no PNG round trip
@@ -177,8 +185,12 @@ def _features(schema: Schema, problem: Optional[str], names, tables: dict[str, T
 
 
 def _build(final: Path, specs, schema: Schema, cfg, held: dict[str, float], dedup: bool) -> None:
-    tables = {split: read_table(spec, schema, cfg, split) for split, spec in specs.items()}
-    names, problem = _encode_labels(tables, schema, cfg)
+    if schema.kind == "audio":  # decoded, resampled, checked; the labels are the vocabulary
+        tables, names = read_audio_tables(specs, schema, cfg)
+        problem = None
+    else:
+        tables = {split: read_table(spec, schema, cfg, split) for split, spec in specs.items()}
+        names, problem = _encode_labels(tables, schema, cfg)
     key = schema.label_key
     if dedup:
         keep = deduplicate(
@@ -186,7 +198,7 @@ def _build(final: Path, specs, schema: Schema, cfg, held: dict[str, float], dedu
             {s: ([r[key] for r in t.rows] if key else None) for s, t in tables.items()},
             {s: t.report for s, t in tables.items()},
             {s: t.lines for s, t in tables.items()},
-            what="image" if schema.kind == "image" else "text",
+            what={"image": "image", "audio": "recording"}.get(schema.kind, "text"),
         )
         for s, t in tables.items():
             m = keep[s]

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from jaxtune.data.audio import AudioEncoder, AudioFormat, CharVocab, audio_buckets
 from jaxtune.data.image import ImageEncoder, ImageSettings, channels_of
 from jaxtune.data.local import prepare_local
 from jaxtune.data.packing import Layout, PackedBatch, make_layout, token_lengths
@@ -180,7 +181,8 @@ class Data:
         return _Batch(self.splits[split], encoder, self.shard_index, self.shard_count, seed=seed)
 
     def _train_encoder(self):
-        if isinstance(self.encoder, ImageEncoder) and self.cfg.augment:
+        # `augment: true` only: a mapping augments on the device, in the train step (data.augment)
+        if isinstance(self.encoder, ImageEncoder) and self.cfg.augment is True:
             e = ImageEncoder(self.encoder.settings, self.encoder.channels, augment=True,
                              crop_scale=self.cfg.crop_scale, hflip=self.cfg.hflip)
             return e
@@ -239,10 +241,21 @@ class Data:
         return f"Data({self.num_examples}, batch_size={self.batch_size}, shard {self.shard_index}/{self.shard_count})"
 
 
-def prepare(cfg, task: str, *, cache_dir=None, problem_type: Optional[str] = None, tokenizer=None) -> Prepared:
+def audio_format(cfg, task: str, audio: Optional[AudioFormat] = None) -> Optional[AudioFormat]:
+    """A speech task's AudioFormat: the model's settings and vocabulary (`audio`, default 16 kHz,
+    normalised, vocabulary from the transcripts) with the recipe's limits; None for other tasks."""
+    if get_task(task).data_kind != "audio":
+        return None
+    audio = audio or AudioFormat()
+    return AudioFormat(audio.settings, audio.vocab, max_seconds=cfg.max_seconds, max_length=cfg.max_length)
+
+
+def prepare(cfg, task: str, *, cache_dir=None, problem_type: Optional[str] = None, tokenizer=None,
+            audio: Optional[AudioFormat] = None) -> Prepared:
     """Read (and for local files convert, once) the splits of `cfg`. The tokenizer is needed only
-    for causal-lm chat data (its chat template renders the rows: `jaxtune.data.chat`)."""
-    schema = make_schema(cfg, task, problem_type, tokenizer)
+    for causal-lm chat data (its chat template renders the rows: `jaxtune.data.chat`); `audio` (a
+    speech task's sampling rate, normalisation and vocabulary) only for speech."""
+    schema = make_schema(cfg, task, problem_type, tokenizer, audio_format(cfg, task, audio))
     if not cfg.train:
         raise DataError("data.train is required (a data spec such as csv:train.csv or tfds:NAME)")
     specs = {role: parse_spec(getattr(cfg, role), role) for role in ROLES if getattr(cfg, role)}
@@ -252,6 +265,9 @@ def prepare(cfg, task: str, *, cache_dir=None, problem_type: Optional[str] = Non
         what = "the chat template" if schema.chat is not None else "data.prompt_template / data.response_template"
         raise DataError(f"{tfds_specs[0]}: rendering with {what} reads local files (csv:, tsv:, jsonl:); "
                         "for prompt/response pairs from TFDS set data.chat_template=none")
+    if tfds_specs and schema.kind == "audio":
+        raise DataError(f"{tfds_specs[0]}: speech data is read from local files (audio:DIR, or csv:/tsv:/jsonl: "
+                        "tables of audio paths and transcripts)")
     if all(s.kind == "tfds" for s in specs.values()):
         prepared = open_tfds(specs, schema, cfg, root)
     else:
@@ -265,7 +281,7 @@ def prepare(cfg, task: str, *, cache_dir=None, problem_type: Optional[str] = Non
 def build_data(cfg, task: str, *, tokenizer=None, image_processor=None, batch_size: int,
                eval_batch_size: Optional[int] = None, seed: int = 0,
                shard_index: Optional[int] = None, shard_count: Optional[int] = None,
-               cache_dir=None, problem_type: Optional[str] = None) -> Data:
+               cache_dir=None, problem_type: Optional[str] = None, audio: Optional[AudioFormat] = None) -> Data:
     """Build the data of a recipe; see the `jaxtune.data` docstring."""
     if shard_index is None or shard_count is None:
         shard_index = jax.process_index() if shard_index is None else shard_index
@@ -283,10 +299,15 @@ def build_data(cfg, task: str, *, tokenizer=None, image_processor=None, batch_si
             raise ConfigError(f"data.{k} must be >= 0, got {getattr(cfg, k)}")
     if cfg.prefetch < 1:
         raise ConfigError(f"data.prefetch must be >= 1, got {cfg.prefetch}")
-    prepared = prepare(cfg, task, cache_dir=cache_dir, problem_type=problem_type, tokenizer=tokenizer)
-    schema = make_schema(cfg, task, problem_type, tokenizer)
+    prepared = prepare(cfg, task, cache_dir=cache_dir, problem_type=problem_type, tokenizer=tokenizer, audio=audio)
+    audio = audio_format(cfg, task, audio)
+    schema = make_schema(cfg, task, problem_type, tokenizer, audio)
     buckets = None
-    if schema.kind == "image":
+    if schema.kind == "audio":  # labels are the vocabulary's tokens in id order
+        vocab = audio.vocab or CharVocab(tuple(prepared.label_names))
+        buckets = audio_buckets(audio.max_samples)
+        encoder = AudioEncoder(vocab, cfg.max_length, buckets)
+    elif schema.kind == "image":
         settings = ImageSettings.from_any(image_processor).with_size(cfg.image_size)
         channels = channels_of(prepared.splits["train"][0]["image"])
         encoder = ImageEncoder(settings, channels, augment=False, crop_scale=cfg.crop_scale, hflip=cfg.hflip)

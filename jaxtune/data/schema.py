@@ -9,6 +9,7 @@ its `Task.data_kind` names (`jaxtune/tasks/<task>.py`):
                    or, rendered with the tokenizer's chat template (`jaxtune.data.chat`):
                    text + spans (character spans of the assistant replies: the loss)
     kind 'image'   image, label                  (image-classification)
+    kind 'audio'   audio (path), text            (ctc; decoded and checked by `jaxtune.data.audio`)
 
 `Schema.columns` maps each canonical key to the column (CSV header, JSON key, TFDS feature) that
 holds it, as named by the `data.*_column` options. Causal-lm sources may also name columns through
@@ -20,7 +21,7 @@ keys (`Schema.stored`) when they read each row.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from jaxtune.data.chat import ChatFormat, TextTemplate
 from jaxtune.errors import DataError
@@ -38,6 +39,7 @@ OPTION = {
     "response": "response_column",
     "image": "image_column",
     "messages": "messages_column",
+    "audio": "audio_column",
 }
 COLUMN = "col:"  # canonical key prefix of a column named by a template placeholder
 
@@ -52,6 +54,7 @@ class Schema:
     # causal-lm: prompt/response built from columns by templates ((key, template), ...)
     templates: tuple[tuple[str, TextTemplate], ...] = ()
     chat: Optional[ChatFormat] = None  # causal-lm: render rows with this chat template
+    audio: Any = None  # kind 'audio': a jaxtune.data.audio.AudioFormat (rate, vocabulary, limits)
 
     @property
     def stored(self) -> tuple[str, ...]:
@@ -126,9 +129,9 @@ def lm_schema(cfg, tokenizer=None) -> Schema:
     return Schema("lm", tuple(columns), templates=tuple(templates), chat=chat)
 
 
-def make_schema(cfg, task: str, problem_type: Optional[str] = None, tokenizer=None) -> Schema:
+def make_schema(cfg, task: str, problem_type: Optional[str] = None, tokenizer=None, audio=None) -> Schema:
     """The schema of `task` for the data options `cfg`; causal-lm reads the tokenizer's chat
-    template (`lm_schema`)."""
+    template (`lm_schema`); speech (kind 'audio') carries `audio`, its AudioFormat."""
     if problem_type is not None and problem_type not in PROBLEM_TYPES:
         raise DataError(f"problem_type {problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}")
     kind = get_task(task).data_kind  # the task says which examples it reads
@@ -142,4 +145,6 @@ def make_schema(cfg, task: str, problem_type: Optional[str] = None, tokenizer=No
         return Schema(kind, (("tokens", cfg.text_column), ("tags", cfg.label_column)), label_key="tags")
     if kind == "lm":
         return lm_schema(cfg, tokenizer)
+    if kind == "audio":
+        return Schema(kind, (("audio", cfg.audio_column), ("text", cfg.text_column)), audio=audio)
     return Schema(kind, (("image", cfg.image_column), ("label", cfg.label_column)), label_key="label")

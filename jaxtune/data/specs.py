@@ -4,6 +4,7 @@
     csv:PATH  tsv:PATH  jsonl:PATH  a local table (header row / one JSON object per line)
     images:DIR                     one subfolder per class, image files inside
     idx:IMAGES[,LABELS]            MNIST-format IDX files, gzip or not
+    audio:DIR                      WAV/FLAC files, each with its transcript in a .txt beside it
 
 PATH may be `pkg:PACKAGE/path` (a file inside an installed package). A bare path is read by its
 suffix (.csv, .tsv, .jsonl) or, for a folder, as `images:`.
@@ -20,7 +21,7 @@ from typing import Optional
 from jaxtune.errors import DataError, JaxtuneError
 from jaxtune.paths import resolve_path
 
-KINDS = ("tfds", "csv", "tsv", "jsonl", "images", "idx")
+KINDS = ("tfds", "csv", "tsv", "jsonl", "images", "idx", "audio")
 LOCAL_KINDS = KINDS[1:]
 _SUFFIX = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -113,6 +114,10 @@ def _parse_spec(text: str, role: str) -> Spec:
                 raise DataError(f"data.{role}: folder not found: {p}")
             if not p.is_dir():
                 raise DataError(f"data.{role}: images: needs a folder with one subfolder per class, got file {p}")
+        elif kind == "audio":
+            if not p.is_dir():
+                what = "folder not found" if not p.exists() else "audio: needs a folder of audio files, got file"
+                raise DataError(f"data.{role}: {what} {p}")
         elif not p.exists():
             raise DataError(f"data.{role}: file not found: {p}")
         elif p.is_dir():

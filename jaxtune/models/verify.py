@@ -25,6 +25,7 @@ HF_AUTO_CLASSES = {
     "masked-lm": "AutoModelForMaskedLM",
     "causal-lm": "AutoModelForCausalLM",
     "image-classification": "AutoModelForImageClassification",
+    "ctc": "AutoModelForCTC",
 }
 # Tasks with one output per example (compared in full); the others are per token.
 EXAMPLE_LEVEL = ("sequence-classification", "image-classification")
@@ -32,11 +33,18 @@ EXAMPLE_LEVEL = ("sequence-classification", "image-classification")
 
 def random_batch(config, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random token ids with right padding (row i keeps seq - i * seq // (2 * batch) tokens);
-    for image models (a config with `num_channels`), random pixel_values (B, C, H, W)."""
+    for image models (a config with `num_channels`), random pixel_values (B, C, H, W); for speech
+    models (a config with `receptive_field`), random input_values (B, seq samples, at least two
+    receptive fields), right-padded with zeros the same way."""
     rng = np.random.default_rng(seed)
     if hasattr(config, "num_channels") and hasattr(config, "image_hw"):
         shape = (batch, config.num_channels, *config.image_hw)
         return {"pixel_values": rng.normal(size=shape).astype(np.float32)}
+    if hasattr(config, "receptive_field"):
+        seq = max(seq, 2 * config.receptive_field)
+        lengths = [max(config.receptive_field, seq - i * seq // (2 * batch)) for i in range(batch)]
+        mask = (np.arange(seq)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
+        return {"input_values": (rng.normal(size=(batch, seq)) * mask).astype(np.float32), "attention_mask": mask}
     pad = getattr(config, "pad_token_id", 0) or 0
     ids = rng.integers(0, config.vocab_size, (batch, seq))
     ids = np.where(ids == pad, (pad + 1) % config.vocab_size, ids)  # real tokens are never pad
@@ -103,4 +111,8 @@ def verify(model_dir: str | os.PathLike, task: Optional[str] = None, *, batch: i
     # hide implementation errors below (or raise them above) the tolerance.
     with jax.default_matmul_precision("highest"):
         out = ours(**inputs, output_hidden_states=True)
-    return task, max_abs_diffs(out, ref, inputs.get("attention_mask"), task)
+    mask = inputs.get("attention_mask")
+    if "input_values" in inputs:  # speech: compare the frames made from real samples
+        frames = out.last_hidden_state.shape[1] if out.last_hidden_state is not None else out.logits.shape[1]
+        mask = np.arange(frames)[None, :] < np.asarray(ours.config.frames(mask.sum(-1)))[:, None]
+    return task, max_abs_diffs(out, ref, mask, task)

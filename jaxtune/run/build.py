@@ -11,18 +11,22 @@ as ShapeDtypeStructs on their shardings (created or restored later, by `jaxtune.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from jaxtune import lora, parallel
 from jaxtune.data import Data, build_data as build_data_for_task, image_settings_from_model, load_tokenizer
+from jaxtune.data.audio import AudioFormat, AudioProcessor, AudioSettings, CharVocab
 from jaxtune.errors import ConfigError, ModelLoadError
 from jaxtune.models import (
     abstract_model, family_of, flatten, from_config, from_pretrained, get_family, hf, labels_differ, split,
 )
 from jaxtune.models.pretrained import make_config
+from jaxtune.models.trees import path_str
 from jaxtune.optim import Optimizer, make_optimizer, pretrained_tree
 from jaxtune.paths import resolve_path
 from jaxtune.retention import Retention, build_retention
@@ -44,7 +48,7 @@ class Run:
     optimizer: Optimizer
     param_shardings: Any
     abstract: Any  # the TrainState as ShapeDtypeStructs with shardings
-    preprocessing: Optional[str]  # folder whose tokenizer / preprocessor files an export copies
+    preprocessing: Any  # folder whose tokenizer / preprocessor files an export copies; speech: an AudioProcessor
     lora: Optional[lora.LoRASpec] = None  # a LoRA run: params = adapters + train_also
     retention: Optional[Retention] = None  # data.retention: scored at step 0 and every evaluation
 
@@ -116,6 +120,13 @@ def load_preprocessing(recipe):
     path = recipe.model.path
     if get_task(recipe.task).modality == "image":
         return None, (image_settings_from_model(path) if path else None), path
+    if get_task(recipe.task).modality == "audio":
+        # speech: the folder's feature extractor and vocabulary, else data.labels as the vocabulary
+        # (what `jaxtune eval` passes: the model's), else one built from the training transcripts
+        folder = hf.resolve_model_dir(path) if path else None
+        labels = recipe.data.labels
+        vocab = CharVocab.from_model(folder) or (CharVocab(tuple(labels)) if labels else None)
+        return AudioFormat(AudioSettings.from_model(folder), vocab), None, path
     if not path:
         raise ConfigError(
             "a text model built from model.config alone has no tokenizer; set model.path to a "
@@ -125,12 +136,25 @@ def load_preprocessing(recipe):
 
 
 def build_data(recipe, tokenizer=None, images=None) -> Data:
+    """The recipe's data; for speech `tokenizer` is the AudioFormat `load_preprocessing` gives."""
     t = recipe.train
+    audio = tokenizer if isinstance(tokenizer, AudioFormat) else None
     return build_data_for_task(
-        recipe.data, recipe.task, tokenizer=tokenizer, image_processor=images,
+        recipe.data, recipe.task, tokenizer=None if audio else tokenizer, image_processor=images,
         batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, seed=t.seed,
-        problem_type=recipe.model.problem_type,
+        problem_type=recipe.model.problem_type, audio=audio,
     )
+
+
+def speech_processor(data: Data, audio: AudioFormat) -> AudioProcessor:
+    """A speech run's vocabulary (the model folder's, or the one built from the transcripts) and
+    feature-extractor settings: what its export writes beside the weights."""
+    return AudioProcessor(audio.vocab or CharVocab(tuple(data.label_names)), audio.settings)
+
+
+def speech_overrides(processor: AudioProcessor) -> dict:
+    """The CTC head's size and blank follow the vocabulary."""
+    return {"vocab_size": len(processor.vocab.tokens), "pad_token_id": processor.vocab.blank_id}
 
 
 def _hf_config(recipe) -> dict:
@@ -140,13 +164,15 @@ def _hf_config(recipe) -> dict:
     return {**base, **m.config}
 
 
-def build_model(recipe, plan, *, num_labels=None, label_names=None, problem_type=None) -> tuple[Any, list]:
-    """(model on the plan's shardings, param paths initialised from scratch)."""
+def build_model(recipe, plan, *, num_labels=None, label_names=None, problem_type=None,
+                config_overrides: Optional[dict] = None) -> tuple[Any, list]:
+    """(model on the plan's shardings, param paths initialised from scratch); `config_overrides`
+    (what the data decides, e.g. a CTC head's vocabulary size) win over model.config."""
     m = recipe.model
     head = get_task(recipe.task).head
     hf_config = _hf_config(recipe)
     family = get_family(hf_config.get("model_type"))
-    overrides = {**family.config_cls.dropout_overrides(m.dropout), **m.config}
+    overrides = {**family.config_cls.dropout_overrides(m.dropout), **m.config, **(config_overrides or {})}
     num_labels = m.num_labels or num_labels
     id2label = label_names if label_names and num_labels == len(label_names) else None
     kwargs = dict(
@@ -172,12 +198,25 @@ def total_train_steps(recipe, steps_per_epoch: int) -> int:
     return max(1, math.ceil((t.epochs if t.epochs is not None else 1.0) * steps_per_epoch))
 
 
+FEATURE_ENCODER = r"(^|/)feature_extractor/"  # a speech model's convolutional feature encoder
+
+
+def optim_config(recipe, params):
+    """recipe.optim, plus a speech model's feature encoder among the frozen patterns when
+    model.freeze_feature_encoder (the default)."""
+    o = recipe.optim
+    speech = any(re.search(FEATURE_ENCODER, path_str(p)) for p in flatten(params))
+    if speech and recipe.model.freeze_feature_encoder and FEATURE_ENCODER not in o.freeze:
+        return dataclasses.replace(o, freeze=[*o.freeze, FEATURE_ENCODER])
+    return o
+
+
 def build_optimizer(recipe, model, params, fresh: list, total_steps: int) -> Optimizer:
     family = family_of(model)
     updates = max(1, total_steps // recipe.optim.accumulate)
     pretrained = pretrained_tree(params, fresh) if recipe.model.path else None
     return make_optimizer(
-        recipe.optim, params, pretrained=pretrained,
+        optim_config(recipe, params), params, pretrained=pretrained,
         depth_of=functools.partial(family.depth_of, model.config),
         num_layers=family.num_layers(model.config), total_steps=updates,
     )
@@ -193,8 +232,12 @@ def build(recipe, *, tokenizer=None, images=None, preprocessing: Optional[str] =
     if tokenizer is None and images is None:
         tokenizer, images, preprocessing = load_preprocessing(recipe)
     data = build_data(recipe, tokenizer, images)
+    overrides = None
+    if isinstance(tokenizer, AudioFormat):  # speech: the export writes the vocabulary and audio settings
+        preprocessing = speech_processor(data, tokenizer)
+        overrides = speech_overrides(preprocessing)
     model, fresh = build_model(recipe, plan, num_labels=data.num_labels, label_names=data.label_names,
-                               problem_type=data.problem_type)
+                               problem_type=data.problem_type, config_overrides=overrides)
     spec = apply_lora(recipe, model)
     params, frozen = split(model)[1], {}
     param_sh, frozen_sh = plan.param_shardings(model), None

@@ -29,6 +29,7 @@ TASKS = {
     "token-classification": "jaxtune.tasks.token_classification",
     "causal-lm": "jaxtune.tasks.causal_lm",
     "image-classification": "jaxtune.tasks.image_classification",
+    "ctc": "jaxtune.tasks.ctc",
 }
 
 # public name -> module that defines it (loaded on first access: they import jax)

@@ -20,7 +20,7 @@ import numpy as np
 # Batch keys a model takes as inputs; everything else (labels, weights, ids) stays out.
 # segment_ids: packed causal-LM rows (which example each token belongs to; see tasks/causal_lm.py).
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "segment_ids",
-                "pixel_values")
+                "pixel_values", "input_values")
 
 
 def model_inputs(batch: dict) -> dict:
@@ -80,10 +80,10 @@ class Task:
     head: str = ""
 
     # The examples the data pipeline reads for it (`jaxtune.data.schema`): 'text', 'tokens', 'lm',
-    # 'image'.
+    # 'image', 'audio'.
     data_kind: ClassVar[str] = ""
-    # What a model folder must supply to read raw inputs: 'text' (a tokenizer) or 'image' (image
-    # preprocessing settings).
+    # What a model folder must supply to read raw inputs: 'text' (a tokenizer), 'image' (image
+    # preprocessing settings) or 'audio' (a feature extractor's settings and a CTC vocabulary).
     modality: ClassVar[str] = "text"
     # Keyword options `predict` takes beyond (loaded, inputs), e.g. generation settings.
     predict_options: ClassVar[tuple[str, ...]] = ()
@@ -96,6 +96,11 @@ class Task:
 
     def metrics(self, totals: dict) -> dict:
         raise NotImplementedError
+
+    def accumulate(self, totals: Optional[dict], outputs: dict) -> dict:
+        """Add one batch's eval `outputs` to the running `totals` (host side): sums by default; a
+        task whose metrics need more than sums (CTC's WER from decoded text) overrides it."""
+        return add_totals(totals, outputs)
 
     def metric_names(self) -> tuple[str, ...]:
         """The keys `metrics` returns for this config, in the same order."""

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Optional
 from jaxtune.errors import JaxtuneError
 from jaxtune.models import family_of, merge, split
 from jaxtune.tasks import get_task
-from jaxtune.tasks.base import Task, add_totals, model_inputs
+from jaxtune.tasks.base import Task, model_inputs
 
 
 def task_of(model) -> str:
@@ -67,7 +67,7 @@ def evaluate(eval_step: Callable, state, batches: Iterable, task: Task, split: s
     metric raises NonFiniteMetric (naming `split`) instead of passing as a number."""
     totals = None
     for batch in batches:
-        totals = add_totals(totals, eval_step(state, batch))
+        totals = task.accumulate(totals, eval_step(state, batch))
     if totals is None:
         raise JaxtuneError(f"evaluate: the {split} has no batches")
     metrics = task.metrics(totals)
