@@ -192,8 +192,8 @@ def test_model_loss_and_whole_split_eval_on_a_mesh():
 
 
 def test_unknown_task_and_base_model():
-    with pytest.raises(JaxtuneError, match="task 'ctc' has no loss yet"):
-        get_task("ctc")
+    with pytest.raises(JaxtuneError, match="task 'speech-translation' has no loss yet"):
+        get_task("speech-translation")
     with pytest.raises(JaxtuneError, match="not a task head"):
         task_of(jaxtune.from_config(dict(TINY), task="base"))
     with pytest.raises(JaxtuneError, match="problem_type 'bogus'"):
@@ -225,5 +225,6 @@ def test_each_task_says_what_data_it_reads_and_what_a_model_folder_must_supply()
 
     kinds = {n: (get_task(n).data_kind, get_task(n).modality) for n in TASKS}
     assert kinds == {"sequence-classification": ("text", "text"), "token-classification": ("tokens", "text"),
-                     "causal-lm": ("lm", "text"), "image-classification": ("image", "image")}
+                     "causal-lm": ("lm", "text"), "image-classification": ("image", "image"),
+                     "ctc": ("audio", "audio")}
     assert get_task("causal-lm").predict_options and not get_task("sequence-classification").predict_options
