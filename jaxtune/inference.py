@@ -29,6 +29,7 @@ import jax
 from jaxtune import lora
 from jaxtune.checkpoint import CheckpointDamaged, Checkpoints
 from jaxtune.config import apply_overrides, from_dict, load_recipe, to_dict
+from jaxtune.data.audio import AudioProcessor, AudioSettings, CharVocab
 from jaxtune.errors import ConfigError, DataError, JaxtuneError
 from jaxtune.models import (
     abstract_model, from_pretrained, get_family, hf, load_weights, make_config, merge, save_pretrained,
@@ -253,8 +254,20 @@ def export_run(run_dir, out_dir, *, step: Optional[int] = None, best: bool = Tru
     loaded = load(run_dir, step=step, best=best)
     if loaded.step is None:
         raise JaxtuneError(f"{run_dir} has no checkpoint to export (its export/ folder is already one)")
-    save_pretrained(loaded.model, out, tokenizer=loaded.tokenizer_dir)
+    save_pretrained(loaded.model, out, tokenizer=preprocessing_of(loaded))
     return loaded
+
+
+def preprocessing_of(loaded: Loaded):
+    """What an export writes beside the weights: the model folder's tokenizer files; for a CTC
+    model its vocabulary (the config's id2label, what the run trained with) and audio settings
+    as a Wav2Vec2Processor reads them."""
+    config = loaded.model.config
+    if loaded.task == "ctc" and config.id2label and len(config.id2label) == config.vocab_size:
+        settings = AudioSettings.from_model(hf.resolve_model_dir(loaded.tokenizer_dir)) if loaded.tokenizer_dir \
+            else AudioSettings()
+        return AudioProcessor(CharVocab(tuple(config.id2label)), settings)
+    return loaded.tokenizer_dir
 
 
 def export_peft(run_dir, out_dir, *, step: Optional[int] = None, best: bool = True) -> str:

@@ -193,3 +193,9 @@ def test_run_export_and_predict_from_the_command_line(tmp_path):
     assert len(lines) == 2 and lines[0].endswith(f"<- {tmp_path / 'test' / '0.wav'}")
     greedy = proc.batch_decode(ref.argmax(-1))[0]  # transformers' own greedy decoding of its logits
     assert lines[0].split("  <- ")[0] == greedy
+    # `jaxtune export RUN OUT` writes the same vocabulary and audio settings
+    from jaxtune.inference import export_run
+
+    export_run(tmp_path / "run", tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "vocab.json").read_text()) == vocab
+    assert transformers.Wav2Vec2Processor.from_pretrained(str(tmp_path / "again")).tokenizer.get_vocab() == vocab
