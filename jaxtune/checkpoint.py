@@ -481,6 +481,16 @@ class Checkpoints:
         out = self._restore(step, ocp.args.Composite(state=args), "the model")
         return out.state["params"]
 
+    def restore_model_state(self, step: int, abstract_model_state) -> Any:
+        """Only the `model_state` of a step's TrainState (a BatchNorm model's statistics)."""
+        target = {"model_state": _abstract(abstract_model_state)}
+        args = ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        )
+        return self._restore(step, ocp.args.Composite(state=args), "the model").state["model_state"]
+
     def _restore(self, step: int, args, what: str, hint: str = ""):
         """Orbax's restore of `step`, its failures sorted into the two errors a user can act on:
         CheckpointMismatch (readable, but not `what`) and CheckpointDamaged (anything else).

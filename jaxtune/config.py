@@ -53,6 +53,24 @@ class ModelConfig:
     # speech models (wav2vec2, hubert): the convolutional feature encoder does not train, as in the
     # wav2vec 2.0 paper's fine-tuning; set false for a model trained from scratch
     freeze_feature_encoder: bool = True
+    # Models with BatchNorm (resnet): normalise by the running statistics while fine-tuning and
+    # leave them unchanged (eval-mode BatchNorm, a common choice for small data); the BatchNorm
+    # scale and bias still train (optim.freeze freezes them)
+    freeze_batchnorm: bool = False
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    # Image augmentation on the device, inside the jitted train step with the step's RNG
+    # (jaxtune.data.augment): reproducible, exact on resume, the same on any mesh.
+    crop_scale: Optional[list[float]] = None  # random resized crop area [low, high]; None: no crop
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # crop aspect range
+    hflip: bool = False  # random horizontal flips
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0: off
+    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0: off
+    mix_prob: float = 1.0  # probability that a batch is mixed (mixup or cutmix on)
+    switch_prob: float = 0.5  # both on: probability of cutmix rather than mixup
+    label_smoothing: float = 0.0  # soft labels' smoothing (with or without mixing)
 
 
 @dataclass(frozen=True)
@@ -98,7 +116,9 @@ class DataConfig:
     split_seed: int = 0
     deduplicate: Optional[bool] = None  # None: on for text, off otherwise
     image_size: Optional[int] = None  # None: from the model
-    augment: bool = True  # training-time augmentation for images
+    # training-time augmentation for images: true = on the host (crop_scale, hflip below), false =
+    # none, a mapping (AugmentConfig) = on the device, inside the train step (mixup / cutmix too)
+    augment: Union[bool, AugmentConfig] = True
     num_workers: int = 0  # Grain worker processes preparing batches (0: threads in this process)
     labels: Optional[list[str]] = None  # class names in id order; None: sorted labels of train
     skip_bad_rows: bool = False  # drop (and report) unparseable rows instead of failing
@@ -218,6 +238,24 @@ class Recipe:
     name: Optional[str] = None  # None: the recipe file's stem
 
 
+def check_augment(a: AugmentConfig, src: str) -> None:
+    """data.augment's ranges, one line each."""
+    def bad(msg):
+        raise ConfigError(f"{src}: data.augment.{msg}")
+    if a.crop_scale is not None and not (len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1):
+        bad(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {a.crop_scale}")
+    if not (len(a.crop_ratio) == 2 and 0 < a.crop_ratio[0] <= a.crop_ratio[1]):
+        bad(f"crop_ratio must be [low, high] with 0 < low <= high, got {a.crop_ratio}")
+    for k in ("mixup", "cutmix"):
+        if getattr(a, k) < 0:
+            bad(f"{k} must be >= 0 (a Beta distribution's alpha; 0: off), got {getattr(a, k):g}")
+    for k in ("mix_prob", "switch_prob"):
+        if not 0 <= getattr(a, k) <= 1:
+            bad(f"{k} must be in [0, 1], got {getattr(a, k):g}")
+    if not 0 <= a.label_smoothing < 1:
+        bad(f"label_smoothing must be in [0, 1), got {a.label_smoothing:g}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation: walk the raw YAML data against the dataclass type hints.
 
@@ -248,6 +286,9 @@ def _convert(value: Any, tp: Any, where: str, src: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        mappings = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(mappings) == 1:  # its own errors (an unknown key) name the key
+            return _convert(value, mappings[0], where, src)
         errors = []
         for a in args:
             if a is type(None):
@@ -376,6 +417,8 @@ def _check(recipe: Recipe, src: str) -> None:
             raise ConfigError(f"{src}: data.{k} must be in [0, 1), got {v}")
     if d.validation_fraction + d.test_fraction >= 1:
         raise ConfigError(f"{src}: data.validation_fraction + data.test_fraction must be < 1")
+    if isinstance(d.augment, AugmentConfig):
+        check_augment(d.augment, src)
     for k in ("data", "fsdp", "tensor"):
         v = getattr(recipe.mesh, k)
         if v == 0 or v < -1:

@@ -214,7 +214,8 @@ def write_safetensors(tensors: dict[str, np.ndarray], folder: Path, metadata: di
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (SAFETENSORS + ".tmp")
     save_file(
-        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+        # reshape: ascontiguousarray makes a 0-d tensor (BatchNorm's num_batches_tracked) 1-d
+        {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()},
         str(tmp),
         metadata={"format": "pt", **(metadata or {})},
     )

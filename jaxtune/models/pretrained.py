@@ -27,7 +27,7 @@ from jaxtune.errors import ModelLoadError
 from jaxtune.models import hf
 from jaxtune.models.config import ConfigBase
 from jaxtune.models.family import LEGACY_RENAMES, Family
-from jaxtune.models.trees import abstract_model, flatten, logical_axes, merge, path_str, split, unflatten
+from jaxtune.models.trees import abstract_model, batch_stats, flatten, logical_axes, merge, path_str, split, unflatten
 
 log = logging.getLogger("jaxtune")
 
@@ -41,6 +41,7 @@ REGISTRY = {
     "mistral": "jaxtune.models.llama",
     "qwen2": "jaxtune.models.llama",
     "qwen3": "jaxtune.models.llama",
+    "resnet": "jaxtune.models.resnet",
     "bart": "jaxtune.models.bart",
     "marian": "jaxtune.models.bart",
     "mt5": "jaxtune.models.t5",
@@ -180,6 +181,7 @@ def load_weights(
     abstract = _abstract(cls, config, seed)
     graphdef, abs_params, rest = split(abstract)
     flat_abs = flatten(abs_params)
+    flat_stats = flatten(batch_stats(abstract))  # BatchNorm running statistics: read like params
     flat_sh = _shardings_for(shardings, abstract)
 
     # Checkpoint keys, with legacy names normalised, and the base-model prefix reconciled:
@@ -202,7 +204,7 @@ def load_weights(
         return hf_key
 
     loaded, missing, mismatched, used = {}, [], [], set()
-    for path, abs_leaf in flat_abs.items():
+    for path, abs_leaf in {**flat_abs, **flat_stats}.items():
         hf_key, to_hf, from_hf = family.to_hf_key(path_str(path))
         key = ckpt_key(hf_key)
         if key not in ckpt:
@@ -216,7 +218,7 @@ def load_weights(
             mismatched.append((path, key, reader.shape(ckpt[key]), tuple(expected)))
             continue
         array = np.asarray(array, dtype=abs_leaf.dtype)
-        loaded[path] = place(array, flat_sh[path] if flat_sh else None)
+        loaded[path] = place(array, flat_sh.get(path) if flat_sh else None)  # statistics: default device
 
     fresh_ok = [p for p, _ in missing if any(re.search(r, path_str(p)) for r in family.new_ok)]
     not_ok = [k for p, k in missing if p not in fresh_ok]
@@ -259,7 +261,11 @@ def load_weights(
         "unexpected_keys": unexpected,
         "mismatched_keys": [k for _, k, *_ in mismatched],
     }
-    return merge(graphdef, unflatten(loaded), rest), info
+    stats = unflatten({p: loaded.pop(p) for p in flat_stats})
+    model = merge(graphdef, unflatten(loaded), rest)
+    if stats:
+        nnx.update(model, stats)
+    return model, info
 
 
 @functools.lru_cache(maxsize=16)
@@ -312,7 +318,10 @@ def from_config(
         return split(cls(config, rngs=nnx.Rngs(seed)))[1]
 
     params = jax.jit(init, out_shardings=unflatten(flat_sh) if flat_sh else None)()
-    return merge(graphdef, params, rest)
+    model = merge(graphdef, params, rest)
+    if batch_stats(abstract):  # BatchNorm statistics: their initial values (XLA drops the rest), default device
+        nnx.update(model, jax.jit(lambda: batch_stats(cls(config, rngs=nnx.Rngs(seed))))())
+    return model
 
 
 def _to_host(array: jax.Array) -> np.ndarray:
@@ -321,16 +330,22 @@ def _to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-def export_tensors(model: nnx.Module, params: Optional[dict] = None) -> dict[str, np.ndarray]:
-    """The HF state dict (numpy, PyTorch layout) of `model`, or of `params` in its structure."""
+def export_tensors(model: nnx.Module, params: Optional[dict] = None,
+                   stats: Optional[dict] = None) -> dict[str, np.ndarray]:
+    """The HF state dict (numpy, PyTorch layout) of `model`, or of `params` in its structure;
+    BatchNorm statistics from `stats` (a TrainState's `model_state`) or the model's own."""
     family = family_of(model)
     if params is None:
         _, params, _ = split(model)
+    if stats is None:
+        stats = batch_stats(model)
     tensors = {}
-    for path, array in flatten(params).items():
+    for path, array in {**flatten(params), **flatten(stats)}.items():
         hf_key, to_hf, _ = family.to_hf_key(path_str(path))
         host = _to_host(array)
-        if host.dtype not in (np.float32, np.float16, jnp.bfloat16):
+        if np.issubdtype(host.dtype, np.integer):  # a BatchNorm's num_batches_tracked: int64 in PyTorch
+            host = host.astype(np.int64)
+        elif host.dtype not in (np.float32, np.float16, jnp.bfloat16):
             host = host.astype(np.float32)
         tensors[hf_key] = to_hf(host)
     return tensors
@@ -342,16 +357,17 @@ def save_pretrained(
     tokenizer: Any = None,
     *,
     params: Optional[dict] = None,
+    batch_stats: Optional[dict] = None,
 ) -> Path:
     """Write `config.json` + `model.safetensors` (+ tokenizer) that transformers loads.
 
     `tokenizer`: an HF tokenizer / processor object (its `save_pretrained` is called), a folder to
     copy tokenizer files from, or a `.gguf` file whose tokenizer (and chat template) is written.
     `params` (optional) replaces the model's own parameters, e.g. the params of a TrainState. Only
-    JAX process 0 writes.
+    JAX process 0 writes. `batch_stats` (optional) replaces the model's BatchNorm statistics.
     """
     out = Path(out_dir)
-    tensors = export_tensors(model, params)
+    tensors = export_tensors(model, params, batch_stats)
     if jax.process_index() != 0:
         return out
     config = model.config.to_hf()

@@ -68,6 +68,12 @@ def split(model: nnx.Module):
     return graphdef, params.to_pure_dict(), rest
 
 
+def batch_stats(model: nnx.Module) -> dict:
+    """The model's `nnx.BatchStat`s (BatchNorm running statistics) as a plain nested dict; `{}`
+    for models without any. They load and export with the weights and train in `model_state`."""
+    return nnx.state(model, nnx.BatchStat).to_pure_dict()
+
+
 def merge(graphdef, params: dict, rest=None) -> nnx.Module:
     return nnx.merge(graphdef, params, rest) if rest is not None else nnx.merge(graphdef, params)
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxtune import lora
 from jaxtune.checkpoint import CheckpointDamaged
+from jaxtune.data.augment import Augment, with_augmentation
 from jaxtune.errors import ConfigError, JaxtuneError
 from jaxtune.models import save_pretrained
 from jaxtune.run.build import Run
@@ -38,7 +39,9 @@ from jaxtune.run.progress import after_evaluation, after_log_line, after_train_s
 from jaxtune.run.session import Session, check_metric_names, checkpointed  # noqa: F401  (re-exported: the loop's check)
 from jaxtune.retention import SPLIT as RETENTION, retention_summary
 from jaxtune.runlog import fmt_metrics, read_metrics
-from jaxtune.tasks.model_fns import evaluate, make_eval_fn, make_loss_fn
+from jaxtune.tasks.model_fns import (
+    evaluate, make_batch_stats_eval_fn, make_batch_stats_loss_fn, make_eval_fn, make_loss_fn,
+)
 from jaxtune.train import make_eval_step, make_train_step
 
 NAN_ENV = "JAXTUNE_INJECT_NAN_STEP"
@@ -74,16 +77,37 @@ def _nan_when_weights_are(loss_fn):
     return poisoned
 
 
+def device_augment(run: Run) -> Optional[Augment]:
+    """`data.augment: {...}` (on the device, in the train step); None otherwise. Mixing needs one
+    integer label per image."""
+    augment = Augment.from_config(run.recipe.data.augment, run.task.num_labels)
+    if augment is not None and run.task.modality != "image":
+        raise ConfigError(f"data.augment: a mapping augments images on the device; task {run.task.name} "
+                          "reads no images")
+    if augment is not None and augment.mixes and run.data.problem_type not in (None, "single_label_classification"):
+        raise ConfigError(f"data.augment: mixup / cutmix need single-label classification, not "
+                          f"{run.data.problem_type}")
+    return augment
+
+
 def compile_steps(run: Run):
     """(train step, eval step), jitted on the plan's shardings (the state donated)."""
     poison = _nan_when_weights_are if nan_step() is not None else None
+    augment = device_augment(run)
     if run.lora:  # the same pure steps; the frozen base is their model_state
         loss_fn = lora.make_loss_fn(run.model, run.task, wrap=poison)
-        train = make_train_step(loss_fn, run.optimizer, has_model_state=True)
+        train = make_train_step(with_augmentation(loss_fn, augment, has_model_state=True), run.optimizer,
+                                has_model_state=True)
         evaluate_fn = make_eval_step(lora.make_eval_fn(run.model, run.task), has_model_state=True)
+    elif run.batch_stats:  # BatchNorm: the running statistics are the model_state the step updates
+        loss_fn = make_batch_stats_loss_fn(run.model, run.task, wrap=poison,
+                                           freeze_batchnorm=run.recipe.model.freeze_batchnorm)
+        train = make_train_step(with_augmentation(loss_fn, augment, has_model_state=True), run.optimizer,
+                                has_model_state=True)
+        evaluate_fn = make_eval_step(make_batch_stats_eval_fn(run.model, run.task), has_model_state=True)
     else:
         loss_fn = make_loss_fn(run.model, run.task)
-        train = make_train_step(poison(loss_fn) if poison else loss_fn, run.optimizer)
+        train = make_train_step(with_augmentation(poison(loss_fn) if poison else loss_fn, augment), run.optimizer)
         evaluate_fn = make_eval_step(make_eval_fn(run.model, run.task))
     return run.plan.jit_train_step(train, run.abstract), run.plan.jit_eval_step(evaluate_fn, run.abstract)
 
@@ -188,7 +212,7 @@ def save_if_due(s: Session, step: int, state, val: Optional[dict], stopping: boo
     if checkpoint_due(s.run, step) or stopping or s.progress.stopped:
         # the training time so far: what summary.json reports once the run is complete
         s.progress = dataclasses.replace(s.progress, elapsed_s=s.clock.elapsed)
-        s.ckpt.save(step, checkpointed(state), s.iterator, s.progress.to_json(), metrics=val)
+        s.ckpt.save(step, checkpointed(state, bool(s.run.batch_stats)), s.iterator, s.progress.to_json(), metrics=val)
 
 
 def finish(s: Session, eval_step, state, step: int) -> dict:
@@ -203,6 +227,8 @@ def finish(s: Session, eval_step, state, step: int) -> dict:
     if model_step != step:
         try:
             state = state.replace(params=s.ckpt.restore_params(model_step, s.run.abstract.params))
+            if s.run.batch_stats:  # the best step's BatchNorm statistics belong with its params
+                state = state.replace(model_state=s.ckpt.restore_model_state(model_step, s.run.abstract.model_state))
         except CheckpointDamaged as e:  # the run's own last state is still good: use it
             s.say(f"warning: {e}; moved it to {s.ckpt.move_aside(model_step)}; using step {step}")
             model_step, best = step, None
@@ -211,7 +237,8 @@ def finish(s: Session, eval_step, state, step: int) -> dict:
         test = run_eval(s.run, eval_step, state, "test")
         s.log.write(step, "test", test, model_step=model_step)
     export = s.out / EXPORT
-    save_pretrained(s.run.model, export, tokenizer=s.run.preprocessing, params=s.run.export_params(state))
+    save_pretrained(s.run.model, export, tokenizer=s.run.preprocessing, params=s.run.export_params(state),
+                    batch_stats=state.model_state if s.run.batch_stats else None)
     summary = _summary(s, step, model_step, best, test, export)
     write_summary(s.out, summary)
     _say_result(s, summary, model_step, best, test)

@@ -27,6 +27,7 @@ from jaxtune.models import (
 )
 from jaxtune.models.pretrained import make_config
 from jaxtune.models.trees import path_str
+from jaxtune.models.trees import batch_stats
 from jaxtune.optim import Optimizer, make_optimizer, pretrained_tree
 from jaxtune.paths import resolve_path
 from jaxtune.retention import Retention, build_retention
@@ -71,6 +72,12 @@ class Run:
         """What does not train, the TrainState's `model_state` (a LoRA run's base), never
         checkpointed: a run reads it from model.path again."""
         return lora.partition(self.lora, split(self.model)[1])[1] if self.lora else {}
+
+    @property
+    def batch_stats(self) -> dict:
+        """A model with BatchNorm: its running statistics (the initial values), the TrainState's
+        `model_state`, which each train step updates and checkpoints save; `{}` otherwise."""
+        return {} if self.lora else batch_stats(self.model)
 
     def export_params(self, state) -> dict:
         """The params an export writes: a LoRA run's adapters merged into the base."""
@@ -244,10 +251,13 @@ def build(recipe, *, tokenizer=None, images=None, preprocessing: Optional[str] =
     if spec:  # only the adapters and train_also are params; the frozen base is model_state
         params, frozen = lora.partition(spec, params)
         param_sh, frozen_sh = lora.partition(spec, param_sh)
+    if spec and batch_stats(model):  # model_state would have to hold both the base and the statistics
+        raise ConfigError(f"LoRA is not supported for {model.config.model_type} models (BatchNorm); fine-tune "
+                          "them in full (model.freeze_batchnorm: true keeps their statistics fixed)")
     total = total_train_steps(recipe, data.steps_per_epoch)
     optimizer = build_optimizer(recipe, model, params, fresh, total)
-    abstract = plan.abstract_state(params, optimizer, param_sh, rng=recipe.train.seed, model_state=frozen,
-                                   model_state_shardings=frozen_sh)
+    abstract = plan.abstract_state(params, optimizer, param_sh, rng=recipe.train.seed,
+                                   model_state=frozen or batch_stats(model), model_state_shardings=frozen_sh)
     retention = build_retention(recipe, plan=plan, model=model, tokenizer=tokenizer, spec=spec,
                                 abstract_state=abstract)
     return Run(recipe=recipe, plan=plan, data=data, model=model, fresh=fresh,

@@ -79,10 +79,11 @@ def model_config_dict(model) -> dict:
     return config
 
 
-def checkpointed(state):
-    """The part of a TrainState a checkpoint holds: all but `model_state`, which is what does
-    not train (a LoRA run's frozen base, read from model.path again; `{}` otherwise)."""
-    return state.replace(model_state={})
+def checkpointed(state, batch_stats: bool = False):
+    """The part of a TrainState a checkpoint holds: all but `model_state` when that is what does
+    not train (a LoRA run's frozen base, read from model.path again; `{}` otherwise); with
+    `batch_stats` (a BatchNorm model's running statistics, which train) all of it."""
+    return state if batch_stats else state.replace(model_state={})
 
 
 def check_metric_names(run: Run) -> None:
@@ -137,18 +138,21 @@ def _open(recipe, folder: RunDir, changed: bool, stamp: str) -> Session:
     try:
         if resume:
             ckpt = _checkpoints(out, recipe)
-            restored = ckpt.restore_latest(checkpointed(run.abstract), run.data.train_iterator)
+            restored = ckpt.restore_latest(checkpointed(run.abstract, bool(run.batch_stats)), run.data.train_iterator)
             if restored is None:
                 raise JaxtuneError(f"no checkpoint in {out / CHECKPOINTS} can be restored; "
                                    "pass --restart to start over")
-            state, iterator = restored.state.replace(model_state=run.frozen), restored.iterator
+            state, iterator = restored.state, restored.iterator
+            if not run.batch_stats:  # the statistics came back with the state
+                state = state.replace(model_state=run.frozen)
             progress, start = Progress.from_json(restored.meta), restored.step
         else:
             restored = None
             state = run.plan.create_state(run.params, run.optimizer, param_shardings=run.param_shardings,
-                                          rng=recipe.train.seed)
+                                          rng=recipe.train.seed, model_state=run.batch_stats or None)
             # the frozen base joins as it is (already on its shardings): through the jit it would be copied
-            state = state.replace(model_state=run.frozen)
+            if not run.batch_stats:  # BatchNorm statistics went through the jit: placed replicated
+                state = state.replace(model_state=run.frozen)
             iterator, progress, start = run.data.train_iterator(), Progress(), 0
             if recipe.optim.ewc is not None:  # the Fisher at the pretrained params, before the first step
                 state, ewc_note = ewc.prepare(run, state)

@@ -2,6 +2,12 @@
 
     loss_fn = make_loss_fn(model)          # (params, batch, rng) -> (loss, aux)
     eval_fn = make_eval_fn(model)          # (params, batch) -> dict of sums
+
+A model with BatchNorm (`batch_stats(model)` non-empty) trains its running statistics in the
+TrainState's `model_state` (`make_train_step(..., has_model_state=True)`):
+
+    loss_fn = make_batch_stats_loss_fn(model)   # (params, stats, batch, rng) -> (loss, (aux, stats))
+    eval_fn = make_batch_stats_eval_fn(model)   # (params, stats, batch) -> dict of sums
     metrics = evaluate(jitted_eval_step, state, batches, task)
 """
 
@@ -10,8 +16,11 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable, Optional
 
+from flax import nnx
+
 from jaxtune.errors import JaxtuneError
 from jaxtune.models import family_of, merge, split
+from jaxtune.models.trees import batch_stats
 from jaxtune.tasks import get_task
 from jaxtune.tasks.base import Task, model_inputs
 
@@ -55,6 +64,47 @@ def make_eval_fn(model, task: Optional[str | Task] = None) -> Callable:
     return eval_fn
 
 
+def make_batch_stats_loss_fn(model, task: Optional[str | Task] = None, *, freeze_batchnorm: bool = False,
+                             wrap: Optional[Callable] = None) -> Callable:
+    """`loss_fn(params, stats, batch, rng) -> (loss, (aux, new stats))` for a model with BatchNorm
+    (the `has_model_state` form of `make_train_step`; `stats` = `batch_stats(model)`-shaped).
+
+    Train mode normalises by the batch's statistics and returns the running ones updated (with
+    the model's momentum); `freeze_batchnorm=True` normalises by the running statistics and
+    returns them unchanged (eval-mode BatchNorm while the weights fine-tune). `wrap` is applied
+    to the loss as a `(params, batch, rng) -> (loss, aux)` function first (a test hook)."""
+    graphdef, _, _, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    task = _resolve(model, task)
+    running = True if freeze_batchnorm else None
+
+    def plain(params_and_stats, batch, rng):
+        params, stats = params_and_stats
+        m = nnx.merge(graphdef, params, stats, rest)
+        out = m(**model_inputs(batch), deterministic=False, rngs=rng, use_running_average=running)
+        loss, aux = task.loss(out.logits, batch)
+        return loss, (aux, stats if freeze_batchnorm else batch_stats(m))
+
+    # the hook sees (params and stats, batch, rng) and passes the (aux, stats) it gets through
+    body = wrap(plain) if wrap is not None else plain
+
+    def loss_fn(params, stats, batch, rng):
+        return body((params, stats), batch, rng)
+
+    return loss_fn
+
+
+def make_batch_stats_eval_fn(model, task: Optional[str | Task] = None) -> Callable:
+    """`eval_fn(params, stats, batch) -> dict of sums`, BatchNorm on the running statistics."""
+    graphdef, _, _, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    task = _resolve(model, task)
+
+    def eval_fn(params, stats, batch):
+        out = nnx.merge(graphdef, params, stats, rest)(**model_inputs(batch), deterministic=True)
+        return task.outputs(out.logits, batch)
+
+    return eval_fn
+
+
 class NonFiniteMetric(JaxtuneError):
     """An evaluation gave NaN or infinity: never reported as a result."""
 
@@ -77,4 +127,5 @@ def evaluate(eval_step: Callable, state, batches: Iterable, task: Task, split: s
     return metrics
 
 
-__all__ = ["NonFiniteMetric", "evaluate", "make_eval_fn", "make_loss_fn", "task_of"]
+__all__ = ["NonFiniteMetric", "evaluate", "make_batch_stats_eval_fn", "make_batch_stats_loss_fn", "make_eval_fn",
+           "make_loss_fn", "task_of"]
