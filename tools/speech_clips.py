@@ -20,8 +20,10 @@ Output (the `audio:DIR` layout jaxtune reads, a .txt transcript beside every .wa
     OUT/test/<voice>/<n>.wav + .txt       the held-out voice
     OUT/clips.csv                         split, path, text, voice, settings per clip
 
-The clips are the synthesizers' own output (espeak-ng at 22.05 kHz, Festival at 16 kHz); jaxtune
-resamples them when it reads them. The same --seed gives the same texts and settings. A voice
+The clips are the synthesizers' own output (espeak-ng at 22.05 kHz, Festival at 16 kHz, the HTS
+voice at 32 kHz); jaxtune resamples them when it reads them. The HTS voice ignores Festival's
+Duration_Stretch, so its clips of the same text are identical recordings (jaxtune's
+de-duplication keeps one: 2164 of the default 2400 training clips remain). The same --seed gives the same texts and settings. A voice
 whose synthesizer is not installed stops the tool with one line naming the package.
 """
 

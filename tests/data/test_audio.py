@@ -152,8 +152,14 @@ def test_problems_are_one_line_errors_or_skipped_and_counted(tmp_path):
     sf.write(root / "12.wav", tone(0.5, 16000), 16000)  # no transcript
     (root / "13.wav").write_bytes(b"not audio")
     (root / "13.txt").write_text("three\n")
+    sf.write(root / "14.wav", np.zeros(0, np.float32), 16000)  # a valid WAV without samples
+    (root / "14.txt").write_text("four\n")
+    sf.write(root / "15.wav", tone(0.5, 16000), 16000)
+    (root / "15.txt").write_text(" \n")  # an empty transcript
+    (root / "16.wav").write_bytes((root / "00.wav").read_bytes())  # the same recording twice
+    (root / "16.txt").write_text("one two\n")
     cases = [("10.wav", "longer than data.max_seconds"), ("11.wav", "constant"), ("12.wav", "no transcript"),
-             ("13.wav", "cannot decode audio")]
+             ("13.wav", "cannot decode audio"), ("14.wav", "holds no samples"), ("15.wav", "transcript is empty")]
     for name, needle in cases:
         folder = tmp_path / f"only-{name}"
         write_folder(folder, TEXTS[:2])
@@ -167,7 +173,8 @@ def test_problems_are_one_line_errors_or_skipped_and_counted(tmp_path):
                       shard_index=0, shard_count=1)
     assert data.num_examples == {"train": 4}
     (report,) = list(data.report)
-    assert report.dropped == {"audio longer than 2 s": 1, "unreadable or empty audio": 2, "no transcript": 1}
+    assert report.dropped == {"audio longer than 2 s": 1, "unreadable or empty audio": 3, "no transcript": 1,
+                              "empty transcript": 1, "duplicate recording": 1}
 
 
 def test_characters_outside_the_vocabulary(tmp_path, speech):
