@@ -199,3 +199,36 @@ def test_run_export_and_predict_from_the_command_line(tmp_path):
     export_run(tmp_path / "run", tmp_path / "again")
     assert json.loads((tmp_path / "again" / "vocab.json").read_text()) == vocab
     assert transformers.Wav2Vec2Processor.from_pretrained(str(tmp_path / "again")).tokenizer.get_vocab() == vocab
+
+
+def test_a_checkpoint_vocabulary_and_audio_settings_are_used(tiny_ctc, tmp_path):
+    """A model folder with a Wav2Vec2CTCTokenizer vocabulary and a feature extractor config: the
+    data read with its rate and vocabulary, the head sized by it (no fresh head), its blank."""
+    import shutil
+
+    from jaxtune.config import from_dict
+    from jaxtune.data.audio import AudioSettings
+    from jaxtune.run.build import build_data, build_model, load_preprocessing, speech_overrides, speech_processor
+    from jaxtune.parallel import Plan
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_ctc[0], folder)
+    vocab = CharVocab(("<pad>", "<s>", "</s>", "<unk>", "|", "E", "N", "O", "W"))  # 9 = the head's size
+    vocab.save_pretrained(folder, AudioSettings(8000, do_normalize=False))
+    write_clips(tmp_path / "clips", ["ONE", "NOW ONE"], 0)
+    recipe = from_dict({"task": "ctc", "model": {"path": str(folder)},
+                        "data": {"train": f"audio:{tmp_path / 'clips'}", "validation_fraction": 0.0,
+                                 "cache_dir": str(tmp_path / "cache"), "max_length": 16},
+                        "train": {"batch_size": 2}})
+    audio, _, _ = load_preprocessing(recipe)
+    assert audio.vocab == vocab and audio.settings == AudioSettings(8000, False)
+    data = build_data(recipe, audio)
+    assert data.label_names == list(vocab.tokens)
+    batch = next(data.eval_batches("train"))
+    assert batch["attention_mask"].sum() == 2 * 2400  # 0.3 s at 16 kHz read at 8 kHz
+    assert [vocab.decode([t for t in row if t >= 0]) for row in batch["labels"]] == ["ONE", "NOW ONE"]
+    processor = speech_processor(data, audio)
+    assert speech_overrides(processor) == {"vocab_size": 9, "pad_token_id": 0}
+    model, fresh = build_model(recipe, Plan.from_config(None), num_labels=data.num_labels,
+                               label_names=data.label_names, config_overrides=speech_overrides(processor))
+    assert fresh == [] and model.config.id2label == vocab.tokens
