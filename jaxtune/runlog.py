@@ -5,14 +5,16 @@
   ...); train lines add `epoch`, `examples_per_s` and `time` (seconds of training so far), and
   hold the mean of every step metric (`loss`, `accuracy`, `grad_norm`, ...) over the steps since
   the previous train line, except `lr` (the logged step's). The test line (the best model on the
-  test split) adds `model_step`. NaN and infinities are written as `null`.
+  test split) adds `model_step`. NaN and infinities are written as `null`. With `data.retention`,
+  `retention` lines (step 0 and every evaluation) hold the retention measure (`jaxtune.retention`).
 - On resume from step S, lines after S (and the `test` line of a finished run) are dropped, so the
   file reads as if the run had never stopped (the means of a log window that straddles the stop
   are exact too: the partial sums travel in the checkpoint). TensorBoard gets `purge_step = S + 1`
   (0 on a fresh start) for the same.
 - The console: a tqdm bar (step, loss, lr, examples/s) when stdout is a terminal, otherwise a
   plain line every `train.log_every` steps. Only JAX process 0 writes anything.
-- `curves.png`: train loss and the validation metrics against the step (`plot_curves`).
+- `curves.png`: train loss and the validation metrics against the step (`plot_curves`), and the
+  retention measure when there is one.
 """
 
 from __future__ import annotations

@@ -83,10 +83,10 @@ def _tb_tags(folder: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def embedding_run(assets, tmp_path_factory):
-    """The tiny BERT classifier (no MLM head: the embedding measure), 12 steps, evals at 6 and 12,
+    """The tiny BERT classifier (no MLM head: the embedding measure), 8 steps, evals at 4 and 8,
     exporting the last step."""
     out = tmp_path_factory.mktemp("emb") / "run"
-    path = _recipe(assets, out, train__steps=12, checkpoint__keep_best=0)
+    path = _recipe(assets, out, train__steps=8, train__eval_every=4, checkpoint__every=None, checkpoint__keep_best=0)
     summary = run(load_recipe(path))
     return path, out, summary
 
@@ -95,7 +95,7 @@ def test_embedding_measure_matches_torch_and_is_logged_everywhere(assets, embedd
     root = assets[0]
     _, out, summary = embedding_run
     lines = [m for m in read_metrics(out) if m["split"] == "retention"]
-    assert [m["step"] for m in lines] == [0, 6, 12]
+    assert [m["step"] for m in lines] == [0, 4, 8]
     assert lines[0]["rank_correlation"] == pytest.approx(1.0, abs=1e-9)
     assert lines[0]["cosine_to_pretrained"] == pytest.approx(1.0, abs=1e-6)
     # the last step (exported) against transformers: pretrained vs fine-tuned pooled embeddings
