@@ -261,12 +261,15 @@ def export_cmd(run_dir, out_dir, which, step, peft):
 @click.option("--seed", type=int, default=None, help="Causal LM, --sample: random seed (default 0).")
 @click.option("--raw", is_flag=True,
               help="Causal LM: feed each prompt as plain text, not as a user message in the tokenizer's chat template.")
+@click.option("--num-beams", type=int, default=None,
+              help="Seq2seq LM: beam search with this many beams (default 1: greedy).")
 @user_errors
-def predict_cmd(model_dir, inputs, as_json, max_new_tokens, sample, temperature, top_k, top_p, seed, raw):
+def predict_cmd(model_dir, inputs, as_json, max_new_tokens, sample, temperature, top_k, top_p, seed, raw, num_beams):
     """Predict with MODEL_DIR (an HF folder or a run folder) for each INPUT.
 
     Classifiers print the label with its probability, then the runners-up; token classifiers
-    print word/TAG for each whitespace-separated word; causal LMs print "prompt" -> "generated".
+    print word/TAG for each whitespace-separated word; causal LMs print "prompt" -> "generated";
+    seq2seq LMs print "source" -> "generated target".
     INPUTs are texts for text models (prompts for causal LMs) and image paths for image models.
     A causal LM whose tokenizer has a chat template gets each prompt as a one-turn user message
     in it (with the generation prompt) and prints the reply; --raw feeds the prompt as it is.
@@ -283,11 +286,11 @@ def predict_cmd(model_dir, inputs, as_json, max_new_tokens, sample, temperature,
     if not inputs:
         raise JaxtuneError("give at least one INPUT to predict")
     generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                  "seed": seed}
+                  "seed": seed, "num_beams": num_beams}
     given = [f"--{k.replace('_', '-')}" for k, v in generation.items() if v is not None]
     given += ["--sample"] if sample else []
     given += ["--raw"] if raw else []
-    sampling_only = [o for o in given if o not in ("--max-new-tokens", "--sample", "--raw")]
+    sampling_only = [o for o in given if o not in ("--max-new-tokens", "--sample", "--raw", "--num-beams")]
     if sampling_only and not sample:
         raise JaxtuneError(f"{', '.join(sampling_only)} only apply with --sample")
     loaded = load(model_dir)

@@ -50,6 +50,8 @@ class ModelConfig:
     # A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) for the base in
     # `path`: a LoRA run that starts from its adapters and head (rank, alpha, targets from the folder).
     adapter: Optional[str] = None
+    # A folder with tokenizer.json for a text model built from model.config (no model.path)
+    tokenizer: Optional[str] = None
     # speech models (wav2vec2, hubert): the convolutional feature encoder does not train, as in the
     # wav2vec 2.0 paper's fine-tuning; set false for a model trained from scratch
     freeze_feature_encoder: bool = True
@@ -130,6 +132,14 @@ class DataConfig:
     # and at every evaluation (forgetting, measured); EWC's Fisher is estimated on them
     retention: Optional[str] = None
     retention_column: Optional[str] = None  # None: text_column
+    # seq2seq-lm: the source and target columns, a text put before every source (T5's
+    # "translate English to German: "), the target side's longest length (None: max_length) and
+    # its padded lengths (None: powers of two up to it)
+    source_column: str = "source"
+    target_column: str = "target"
+    source_prefix: str = ""
+    max_target_length: Optional[int] = None
+    target_buckets: Optional[list[int]] = None
 
 
 @dataclass(frozen=True)
@@ -193,6 +203,11 @@ class TrainConfig:
     early_stopping: Optional[EarlyStoppingConfig] = None
     metric: str = "accuracy"  # the eval metric that picks the best checkpoint
     metric_mode: Literal["min", "max"] = "max"
+    # seq2seq-lm: label smoothing of the target tokens' cross-entropy (0: none)
+    label_smoothing: float = 0.0
+    # seq2seq-lm evaluation: targets generated with this many beams (1: greedy) for BLEU, chrF,
+    # exact match and the sequence error rate
+    eval_num_beams: int = 1
 
 
 @dataclass(frozen=True)
@@ -386,6 +401,7 @@ def _check(recipe: Recipe, src: str) -> None:
         "train.batch_size": t.batch_size,
         "train.log_every": t.log_every,
         "data.max_length": d.max_length,
+        "train.eval_num_beams": t.eval_num_beams,
         "optim.accumulate": o.accumulate,
         "checkpoint.keep": recipe.checkpoint.keep,
     }
@@ -411,6 +427,12 @@ def _check(recipe: Recipe, src: str) -> None:
         raise ConfigError(
             f"{src}: optim.warmup ({o.warmup:g} steps) is longer than training (train.steps={t.steps})"
         )
+    if not 0 <= t.label_smoothing < 1:
+        raise ConfigError(f"{src}: train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    if t.label_smoothing and recipe.task != "seq2seq-lm":
+        raise ConfigError(f"{src}: train.label_smoothing applies to task seq2seq-lm, not {recipe.task}")
+    if d.max_target_length is not None and d.max_target_length <= 0:
+        raise ConfigError(f"{src}: data.max_target_length must be positive, got {d.max_target_length}")
     for k in ("validation_fraction", "test_fraction"):
         v = getattr(d, k)
         if not 0 <= v < 1:

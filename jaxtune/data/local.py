@@ -168,6 +168,8 @@ def _features(schema: Schema, problem: Optional[str], names, tables: dict[str, T
         d = {"tokens": F.Sequence(F.Text()), "tags": F.Sequence(F.ClassLabel(names=names))}
     elif schema.kind == "lm":
         d = {k: F.Tensor(shape=(None,), dtype=np.int64) if k == "spans" else F.Text() for k in schema.stored}
+    elif schema.kind == "seq2seq":
+        d = {"source": F.Text(), "target": F.Text()}
     elif schema.kind == "audio":  # the waveform as a plain Tensor: tfds' Audio feature needs TensorFlow
         d = {"audio": F.Tensor(shape=(None,), dtype=np.float32), "text": F.Text()}
     else:

@@ -40,6 +40,7 @@ from jaxtune.data.report import DataReport
 from jaxtune.data.schema import make_schema
 from jaxtune.data.sources import Prepared, SplitSource
 from jaxtune.data.specs import parse_spec
+from jaxtune.data.seq2seq import Seq2SeqEncoder
 from jaxtune.data.text import TextEncoder, make_buckets
 from jaxtune.data.tfds_source import open_tfds
 from jaxtune.errors import ConfigError, DataError
@@ -281,8 +282,10 @@ def prepare(cfg, task: str, *, cache_dir=None, problem_type: Optional[str] = Non
 def build_data(cfg, task: str, *, tokenizer=None, image_processor=None, batch_size: int,
                eval_batch_size: Optional[int] = None, seed: int = 0,
                shard_index: Optional[int] = None, shard_count: Optional[int] = None,
-               cache_dir=None, problem_type: Optional[str] = None, audio: Optional[AudioFormat] = None) -> Data:
-    """Build the data of a recipe; see the `jaxtune.data` docstring."""
+               cache_dir=None, problem_type: Optional[str] = None, audio: Optional[AudioFormat] = None,
+               decoder_start_token_id: Optional[int] = None) -> Data:
+    """Build the data of a recipe; see the `jaxtune.data` docstring. `decoder_start_token_id`: the
+    model's, for seq2seq-lm (the decoder inputs are the targets shifted right after it)."""
     if shard_index is None or shard_count is None:
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
@@ -307,6 +310,12 @@ def build_data(cfg, task: str, *, tokenizer=None, image_processor=None, batch_si
         vocab = audio.vocab or CharVocab(tuple(prepared.label_names))
         buckets = audio_buckets(audio.max_samples)
         encoder = AudioEncoder(vocab, cfg.max_length, buckets)
+    elif schema.kind == "seq2seq":
+        buckets = make_buckets(cfg.max_length, cfg.buckets)
+        target_length = cfg.max_target_length or cfg.max_length
+        encoder = Seq2SeqEncoder(tokenizer, cfg.max_length, target_length, buckets,
+                                 make_buckets(target_length, cfg.target_buckets),
+                                 decoder_start_token_id=decoder_start_token_id, prefix=cfg.source_prefix)
     elif schema.kind == "image":
         settings = ImageSettings.from_any(image_processor).with_size(cfg.image_size)
         channels = channels_of(prepared.splits["train"][0]["image"])

@@ -10,6 +10,7 @@ its `Task.data_kind` names (`jaxtune/tasks/<task>.py`):
                    text + spans (character spans of the assistant replies: the loss)
     kind 'image'   image, label                  (image-classification)
     kind 'audio'   audio (path), text            (ctc; decoded and checked by `jaxtune.data.audio`)
+    kind 'seq2seq' source, target                (seq2seq-lm; `jaxtune.data.seq2seq`)
 
 `Schema.columns` maps each canonical key to the column (CSV header, JSON key, TFDS feature) that
 holds it, as named by the `data.*_column` options. Causal-lm sources may also name columns through
@@ -40,6 +41,8 @@ OPTION = {
     "image": "image_column",
     "messages": "messages_column",
     "audio": "audio_column",
+    "source": "source_column",
+    "target": "target_column",
 }
 COLUMN = "col:"  # canonical key prefix of a column named by a template placeholder
 
@@ -147,4 +150,6 @@ def make_schema(cfg, task: str, problem_type: Optional[str] = None, tokenizer=No
         return lm_schema(cfg, tokenizer)
     if kind == "audio":
         return Schema(kind, (("audio", cfg.audio_column), ("text", cfg.text_column)), audio=audio)
+    if kind == "seq2seq":
+        return Schema(kind, (("source", cfg.source_column), ("target", cfg.target_column)))
     return Schema(kind, (("image", cfg.image_column), ("label", cfg.label_column)), label_key="label")

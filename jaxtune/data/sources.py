@@ -25,7 +25,7 @@ def _text(v) -> str:
 
 
 def _canonical(key: str, v):
-    if key in ("text", "text_pair", "prompt", "response"):
+    if key in ("text", "text_pair", "prompt", "response", "source", "target"):
         return _text(v)
     if key == "tokens":
         return [_text(w) for w in v]

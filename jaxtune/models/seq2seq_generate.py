@@ -99,34 +99,40 @@ def _step(model, cache, tokens_B):
     return out.past_key_values, out.logits
 
 
-@functools.lru_cache(maxsize=32)
-def _compiled_greedy(graphdef, max_new_tokens: int, start: int, eos: tuple, pad: int, forced_bos, forced_eos: tuple):
+def greedy_search(model, ids_BU, mask_BU, *, max_new_tokens: int, start: int, eos: tuple, pad: int,
+                  forced_bos: Optional[int] = None, forced_eos: tuple = ()):
+    """Greedy decoding, traceable (jit it, or call it inside a jitted step) -> (tokens (B, N) with
+    pad after each row's end, lengths (B,), steps taken)."""
     max_length = max_new_tokens + 1  # the start token + new tokens, transformers' max_length
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+    B = ids_BU.shape[0]
+    cache, logits_BV = _prefill(model, ids_BU, mask_BU, start, max_length)
+    carry = (jnp.int32(1), cache, logits_BV, jnp.full((B, max_new_tokens), pad, jnp.int32),
+             jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
 
+    def cond(c):
+        cur, _, _, _, done_B, _ = c
+        return (cur < max_length) & ~jnp.all(done_B)
+
+    def body(c):
+        cur, cache, logits_BV, tokens_BN, done_B, lengths_B = c
+        logits_BV = force_tokens(logits_BV, cur, max_length, forced_bos, forced_eos)
+        token_B = jnp.where(done_B, pad, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32))
+        tokens_BN = tokens_BN.at[:, cur - 1].set(token_B)
+        lengths_B = lengths_B + (~done_B).astype(jnp.int32)
+        done_B = done_B | jnp.isin(token_B, eos_arr)
+        cache, logits_BV = _step(model, cache, token_B)
+        return cur + 1, cache, logits_BV, tokens_BN, done_B, lengths_B
+
+    cur, _, _, tokens_BN, _, lengths_B = jax.lax.while_loop(cond, body, carry)
+    return tokens_BN, lengths_B, cur - 1
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_greedy(graphdef, max_new_tokens: int, start: int, eos: tuple, pad: int, forced_bos, forced_eos: tuple):
     def run(state, ids_BU, mask_BU):
-        model = nnx.merge(graphdef, state)
-        B = ids_BU.shape[0]
-        cache, logits_BV = _prefill(model, ids_BU, mask_BU, start, max_length)
-        carry = (jnp.int32(1), cache, logits_BV, jnp.full((B, max_new_tokens), pad, jnp.int32),
-                 jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
-
-        def cond(c):
-            cur, _, _, _, done_B, _ = c
-            return (cur < max_length) & ~jnp.all(done_B)
-
-        def body(c):
-            cur, cache, logits_BV, tokens_BN, done_B, lengths_B = c
-            logits_BV = force_tokens(logits_BV, cur, max_length, forced_bos, forced_eos)
-            token_B = jnp.where(done_B, pad, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32))
-            tokens_BN = tokens_BN.at[:, cur - 1].set(token_B)
-            lengths_B = lengths_B + (~done_B).astype(jnp.int32)
-            done_B = done_B | jnp.isin(token_B, eos_arr)
-            cache, logits_BV = _step(model, cache, token_B)
-            return cur + 1, cache, logits_BV, tokens_BN, done_B, lengths_B
-
-        cur, _, _, tokens_BN, _, lengths_B = jax.lax.while_loop(cond, body, carry)
-        return tokens_BN, lengths_B, cur - 1
+        return greedy_search(nnx.merge(graphdef, state), ids_BU, mask_BU, max_new_tokens=max_new_tokens,
+                             start=start, eos=eos, pad=pad, forced_bos=forced_bos, forced_eos=forced_eos)
 
     return jax.jit(run)
 
@@ -137,75 +143,101 @@ def _gather(x_BK, index_BJ):
     return jnp.take_along_axis(x_BK, index, axis=1)
 
 
-@functools.lru_cache(maxsize=32)
-def _compiled_beam(graphdef, max_new_tokens: int, num_beams: int, early_stopping: EarlyStopping, start: int,
-                   eos: tuple, pad: int, fill: int, forced_bos, forced_eos: tuple):
+def beam_search(model, ids_BU, mask_BU, length_penalty, *, max_new_tokens: int, num_beams: int,
+                early_stopping: EarlyStopping, start: int, eos: tuple, pad: int, forced_bos: Optional[int] = None,
+                forced_eos: tuple = ()):
+    """Beam search, traceable -> (best hypothesis (B, N) with pad after its end, lengths (B,),
+    scores (B,)); `length_penalty` may be traced."""
     K, L = num_beams, max_new_tokens + 1
     keep = max(2, 1 + len(eos)) * K  # candidates looked at per row (transformers' beams_to_keep)
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
     top_k_mask = jnp.arange(keep) < K  # only the top num_beams candidates may finish
+    B = ids_BU.shape[0]
+    # Each row's K beams are rows b * K + k, as transformers expands the batch.
+    cache, logits_NV = _prefill(model, jnp.repeat(ids_BU, K, axis=0), jnp.repeat(mask_BU, K, axis=0), start, L)
+    V = logits_NV.shape[-1]
+    running_seq = jnp.full((B, K, L), pad, jnp.int32).at[:, :, 0].set(start)
+    running_scores = jnp.zeros((B, K), jnp.float32).at[:, 1:].set(-BIG)
+    carry = dict(cur=jnp.int32(1), cache=cache, logits=logits_NV, running_seq=running_seq,
+                 running_scores=running_scores, seqs=running_seq, scores=jnp.full((B, K), -BIG, jnp.float32),
+                 lengths=jnp.zeros((B, K), jnp.int32), finished=jnp.zeros((B, K), bool),
+                 unsatisfied=jnp.ones((B, 1), bool), go=jnp.bool_(True))
 
+    def body(c):
+        cur = c["cur"]
+        log_probs = jax.nn.log_softmax(c["logits"].astype(jnp.float32), axis=-1)
+        log_probs = force_tokens(log_probs, cur, L, forced_bos, forced_eos)
+        log_probs = log_probs.reshape(B, K, V) + c["running_scores"][:, :, None]
+        top_lp, top_idx = jax.lax.top_k(log_probs.reshape(B, K * V), keep)
+        beam_BJ, token_BJ = top_idx // V, (top_idx % V).astype(jnp.int32)
+        top_seq = _gather(c["running_seq"], beam_BJ)
+        top_seq = jax.lax.dynamic_update_slice_in_dim(top_seq, token_BJ[:, :, None], cur, axis=2)
+        hits = jnp.isin(token_BJ, eos_arr) | (cur + 1 >= L)  # EOS or max-length criteria
+
+        # the running beams of the next step: the best that did not just stop
+        run_lp = top_lp + hits.astype(jnp.float32) * -BIG
+        _, next_j = jax.lax.top_k(run_lp, K)
+        running_seq, running_scores = _gather(top_seq, next_j), _gather(run_lp, next_j)
+        source_rows = (_gather(beam_BJ, next_j) + jnp.arange(B)[:, None] * K).reshape(-1)
+
+        # the finished hypotheses: merge those that just stopped, scored with the length penalty
+        just = hits & top_k_mask[None]
+        fin_lp = top_lp / (cur.astype(jnp.float32) ** length_penalty)
+        full = jnp.all(c["finished"], axis=-1, keepdims=True) & (early_stopping is True)
+        fin_lp = fin_lp + full * -BIG + (~c["unsatisfied"]) * -BIG + (~just) * -BIG
+        merged_scores = jnp.concatenate([c["scores"], fin_lp], axis=1)
+        _, best = jax.lax.top_k(merged_scores, K)
+        seqs = _gather(jnp.concatenate([c["seqs"], top_seq], axis=1), best)
+        lengths = _gather(jnp.concatenate([c["lengths"], jnp.full((B, keep), cur, jnp.int32)], axis=1), best)
+        finished = _gather(jnp.concatenate([c["finished"], just], axis=1), best)
+        scores = _gather(merged_scores, best)
+
+        cache = c["cache"].reorder(source_rows)
+        cache, logits = _step(model, cache, running_seq[:, :, cur].reshape(-1))
+        cur = cur + 1
+        # can a running beam still beat the worst finished hypothesis?
+        if early_stopping == "never":
+            best_len = jnp.where(length_penalty > 0.0, L - 1, cur - 1).astype(jnp.float32)
+        else:
+            best_len = (cur - 1).astype(jnp.float32)
+        best_running = running_scores[:, :1] / best_len ** length_penalty
+        worst = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), -BIG)
+        unsatisfied = c["unsatisfied"] & jnp.any(best_running > worst, axis=-1, keepdims=True)
+        go = (jnp.any(unsatisfied) & ~(jnp.all(finished) & (early_stopping is True)) & ~jnp.all(hits))
+        return dict(cur=cur, cache=cache, logits=logits, running_seq=running_seq, running_scores=running_scores,
+                    seqs=seqs, scores=scores, lengths=lengths, finished=finished, unsatisfied=unsatisfied, go=go)
+
+    c = jax.lax.while_loop(lambda c: c["go"], body, carry)
+    return c["seqs"][:, 0, 1:], c["lengths"][:, 0], c["scores"][:, 0]
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_beam(graphdef, max_new_tokens: int, num_beams: int, early_stopping: EarlyStopping, start: int,
+                   eos: tuple, pad: int, forced_bos, forced_eos: tuple):
     def run(state, ids_BU, mask_BU, length_penalty):
-        model = nnx.merge(graphdef, state)
-        B = ids_BU.shape[0]
-        # Each row's K beams are rows b * K + k, as transformers expands the batch.
-        cache, logits_NV = _prefill(model, jnp.repeat(ids_BU, K, axis=0), jnp.repeat(mask_BU, K, axis=0), start, L)
-        V = logits_NV.shape[-1]
-        running_seq = jnp.full((B, K, L), fill, jnp.int32).at[:, :, 0].set(start)
-        running_scores = jnp.zeros((B, K), jnp.float32).at[:, 1:].set(-BIG)
-        carry = dict(cur=jnp.int32(1), cache=cache, logits=logits_NV, running_seq=running_seq,
-                     running_scores=running_scores, seqs=running_seq, scores=jnp.full((B, K), -BIG, jnp.float32),
-                     lengths=jnp.zeros((B, K), jnp.int32), finished=jnp.zeros((B, K), bool),
-                     unsatisfied=jnp.ones((B, 1), bool), go=jnp.bool_(True))
-
-        def body(c):
-            cur = c["cur"]
-            log_probs = jax.nn.log_softmax(c["logits"].astype(jnp.float32), axis=-1)
-            log_probs = force_tokens(log_probs, cur, L, forced_bos, forced_eos)
-            log_probs = log_probs.reshape(B, K, V) + c["running_scores"][:, :, None]
-            top_lp, top_idx = jax.lax.top_k(log_probs.reshape(B, K * V), keep)
-            beam_BJ, token_BJ = top_idx // V, (top_idx % V).astype(jnp.int32)
-            top_seq = _gather(c["running_seq"], beam_BJ)
-            top_seq = jax.lax.dynamic_update_slice_in_dim(top_seq, token_BJ[:, :, None], cur, axis=2)
-            hits = jnp.isin(token_BJ, eos_arr) | (cur + 1 >= L)  # EOS or max-length criteria
-
-            # the running beams of the next step: the best that did not just stop
-            run_lp = top_lp + hits.astype(jnp.float32) * -BIG
-            _, next_j = jax.lax.top_k(run_lp, K)
-            running_seq, running_scores = _gather(top_seq, next_j), _gather(run_lp, next_j)
-            source_rows = (_gather(beam_BJ, next_j) + jnp.arange(B)[:, None] * K).reshape(-1)
-
-            # the finished hypotheses: merge those that just stopped, scored with the length penalty
-            just = hits & top_k_mask[None]
-            fin_lp = top_lp / (cur.astype(jnp.float32) ** length_penalty)
-            full = jnp.all(c["finished"], axis=-1, keepdims=True) & (early_stopping is True)
-            fin_lp = fin_lp + full * -BIG + (~c["unsatisfied"]) * -BIG + (~just) * -BIG
-            merged_scores = jnp.concatenate([c["scores"], fin_lp], axis=1)
-            _, best = jax.lax.top_k(merged_scores, K)
-            seqs = _gather(jnp.concatenate([c["seqs"], top_seq], axis=1), best)
-            lengths = _gather(jnp.concatenate([c["lengths"], jnp.full((B, keep), cur, jnp.int32)], axis=1), best)
-            finished = _gather(jnp.concatenate([c["finished"], just], axis=1), best)
-            scores = _gather(merged_scores, best)
-
-            cache = c["cache"].reorder(source_rows)
-            cache, logits = _step(model, cache, running_seq[:, :, cur].reshape(-1))
-            cur = cur + 1
-            # can a running beam still beat the worst finished hypothesis?
-            if early_stopping == "never":
-                best_len = jnp.where(length_penalty > 0.0, L - 1, cur - 1).astype(jnp.float32)
-            else:
-                best_len = (cur - 1).astype(jnp.float32)
-            best_running = running_scores[:, :1] / best_len ** length_penalty
-            worst = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), -BIG)
-            unsatisfied = c["unsatisfied"] & jnp.any(best_running > worst, axis=-1, keepdims=True)
-            go = (jnp.any(unsatisfied) & ~(jnp.all(finished) & (early_stopping is True)) & ~jnp.all(hits))
-            return dict(cur=cur, cache=cache, logits=logits, running_seq=running_seq, running_scores=running_scores,
-                        seqs=seqs, scores=scores, lengths=lengths, finished=finished, unsatisfied=unsatisfied, go=go)
-
-        c = jax.lax.while_loop(lambda c: c["go"], body, carry)
-        return c["seqs"][:, 0, 1:], c["lengths"][:, 0], c["scores"][:, 0]
+        return beam_search(nnx.merge(graphdef, state), ids_BU, mask_BU, length_penalty,
+                           max_new_tokens=max_new_tokens, num_beams=num_beams, early_stopping=early_stopping,
+                           start=start, eos=eos, pad=pad, forced_bos=forced_bos, forced_eos=forced_eos)
 
     return jax.jit(run)
+
+
+def token_settings(cfg, eos_token_id=None, pad_token_id=None, decoder_start_token_id=None, forced_bos_token_id=-1,
+                   forced_eos_token_id=-1) -> dict:
+    """The special ids generation uses: the arguments, else the model config's (see `generate`).
+    -> {start, eos (tuple), pad, forced_bos (int or None), forced_eos (tuple)}."""
+    eos = _ids(cfg.eos_token_ids if eos_token_id is None else eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
+    pad = int(pad if pad is not None else (eos[0] if eos else 0))
+    start = decoder_start_token_id if decoder_start_token_id is not None else cfg.decoder_start_token_id
+    if start is None:
+        start = getattr(cfg, "bos_token_id", None)
+    if start is None:
+        raise JaxtuneError("generate: the config has no decoder_start_token_id (nor bos_token_id); pass one")
+    forced_bos = getattr(cfg, "forced_bos_token_id", None) if forced_bos_token_id == -1 else forced_bos_token_id
+    forced_eos = _ids(getattr(cfg, "forced_eos_token_id", None) if forced_eos_token_id == -1 else forced_eos_token_id)
+    return dict(start=int(start), eos=eos, pad=pad, forced_bos=None if forced_bos is None else int(forced_bos),
+                forced_eos=forced_eos)
 
 
 def generate(
@@ -252,31 +284,22 @@ def generate(
     if limit is not None and (ids.shape[1] > limit or max_new_tokens + 1 > limit):
         raise JaxtuneError(f"generate: the source ({ids.shape[1]} tokens) or the start token + max_new_tokens "
                            f"({max_new_tokens}) exceeds the model's {limit} positions")
-    eos = _ids(cfg.eos_token_ids if eos_token_id is None else eos_token_id)
-    pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
-    pad = int(pad if pad is not None else (eos[0] if eos else 0))
-    start = decoder_start_token_id if decoder_start_token_id is not None else cfg.decoder_start_token_id
-    if start is None:
-        start = getattr(cfg, "bos_token_id", None)
-    if start is None:
-        raise JaxtuneError("generate: the config has no decoder_start_token_id (nor bos_token_id); pass one")
-    forced_bos = getattr(cfg, "forced_bos_token_id", None) if forced_bos_token_id == -1 else forced_bos_token_id
-    forced_eos = _ids(getattr(cfg, "forced_eos_token_id", None) if forced_eos_token_id == -1 else forced_eos_token_id)
-
+    ids_ = token_settings(cfg, eos_token_id, pad_token_id, decoder_start_token_id, forced_bos_token_id,
+                          forced_eos_token_id)
+    start, eos, pad, forced_bos, forced_eos = (ids_[k] for k in ("start", "eos", "pad", "forced_bos", "forced_eos"))
     U = source_bucket(ids.shape[1])
     ids_BU = np.full((ids.shape[0], U), pad, np.int32)
     mask_BU = np.zeros((ids.shape[0], U), np.int32)
     ids_BU[:, :ids.shape[1]], mask_BU[:, :ids.shape[1]] = ids, mask
     graphdef, state = nnx.split(model)
     if num_beams == 1:
-        run = _compiled_greedy(graphdef, int(max_new_tokens), int(start), eos, pad,
-                               None if forced_bos is None else int(forced_bos), forced_eos)
+        run = _compiled_greedy(graphdef, int(max_new_tokens), start, eos, pad, forced_bos, forced_eos)
         tokens, lengths, steps = run(state, ids_BU, mask_BU)
         return Seq2SeqGenerateOutput(tokens=np.asarray(tokens)[:, :int(steps)], lengths=np.asarray(lengths))
     # transformers fills beam outputs with `pad_token_id or eos_token_id[0]` (so EOS when pad is 0);
     # here rows end in pad_token_id, as greedy rows do.
-    run = _compiled_beam(graphdef, int(max_new_tokens), int(num_beams), early_stopping, int(start), eos, pad, pad,
-                         None if forced_bos is None else int(forced_bos), forced_eos)
+    run = _compiled_beam(graphdef, int(max_new_tokens), int(num_beams), early_stopping, start, eos, pad,
+                         forced_bos, forced_eos)
     tokens, lengths, scores = run(state, ids_BU, mask_BU, jnp.float32(length_penalty))
     lengths = np.asarray(lengths)
     return Seq2SeqGenerateOutput(tokens=np.asarray(tokens)[:, :int(lengths.max())], lengths=lengths,
@@ -295,4 +318,5 @@ def generate_text(model, tokenizer, sources: str | Sequence[str], *, prefix: str
     return [tokenizer.decode(out.tokens[i, :out.lengths[i]], skip_special_tokens=True) for i in range(len(sources))]
 
 
-__all__ = ["Seq2SeqGenerateOutput", "force_tokens", "generate", "generate_text", "source_bucket"]
+__all__ = ["Seq2SeqGenerateOutput", "beam_search", "force_tokens", "generate", "generate_text", "greedy_search",
+           "source_bucket", "token_settings"]

@@ -26,6 +26,7 @@ HF_AUTO_CLASSES = {
     "causal-lm": "AutoModelForCausalLM",
     "image-classification": "AutoModelForImageClassification",
     "ctc": "AutoModelForCTC",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
 }
 # Tasks with one output per example (compared in full); the others are per token.
 EXAMPLE_LEVEL = ("sequence-classification", "image-classification")
@@ -93,6 +94,8 @@ def verify(model_dir: str | os.PathLike, task: Optional[str] = None, *, batch: i
         raise ModelLoadError(f"verify does not know the transformers class for task '{task}'")
     ours = from_pretrained(folder, task=task, dtype="float32")
     inputs = random_batch(ours.config, batch, seq, seed)
+    if task == "seq2seq-lm":  # the decoder reads the same padded ids as its targets
+        inputs.update(decoder_input_ids=inputs["input_ids"], decoder_attention_mask=inputs["attention_mask"])
 
     transformers.utils.logging.disable_progress_bar()
     auto = getattr(transformers, HF_AUTO_CLASSES[task])
@@ -112,6 +115,12 @@ def verify(model_dir: str | os.PathLike, task: Optional[str] = None, *, batch: i
     with jax.default_matmul_precision("highest"):
         out = ours(**inputs, output_hidden_states=True)
     mask = inputs.get("attention_mask")
+    if task == "seq2seq-lm":  # logits on the decoder's real positions, the encoder output on the source's
+        keep = mask.astype(bool)
+        return task, {name: float(np.abs(np.asarray(a, np.float64)[keep] - b.detach().double().numpy()[keep]).max())
+                      for name, a, b in (("logits", out.logits, ref.logits),
+                                         ("encoder_last_hidden_state", out.encoder_last_hidden_state,
+                                          ref.encoder_last_hidden_state))}
     if "input_values" in inputs:  # speech: compare the frames made from real samples
         frames = out.last_hidden_state.shape[1] if out.last_hidden_state is not None else out.logits.shape[1]
         mask = np.arange(frames)[None, :] < np.asarray(ours.config.frames(mask.sum(-1)))[:, None]

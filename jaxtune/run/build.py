@@ -134,10 +134,13 @@ def load_preprocessing(recipe):
         labels = recipe.data.labels
         vocab = CharVocab.from_model(folder) or (CharVocab(tuple(labels)) if labels else None)
         return AudioFormat(AudioSettings.from_model(folder), vocab), None, path
+    if not path and recipe.model.tokenizer:  # a model from model.config: its export saves this tokenizer
+        tokenizer = load_tokenizer(recipe.model.tokenizer)
+        return tokenizer, None, tokenizer
     if not path:
         raise ConfigError(
-            "a text model built from model.config alone has no tokenizer; set model.path to a "
-            "folder with tokenizer.json"
+            "a text model built from model.config alone has no tokenizer; set model.path (or "
+            "model.tokenizer) to a folder with tokenizer.json"
         )
     return load_tokenizer(path), None, path
 
@@ -149,8 +152,24 @@ def build_data(recipe, tokenizer=None, images=None) -> Data:
     return build_data_for_task(
         recipe.data, recipe.task, tokenizer=None if audio else tokenizer, image_processor=images,
         batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, seed=t.seed,
-        problem_type=recipe.model.problem_type, audio=audio,
+        problem_type=recipe.model.problem_type, audio=audio, decoder_start_token_id=decoder_start(recipe),
     )
+
+
+def decoder_start(recipe) -> Optional[int]:
+    """An encoder-decoder's decoder_start_token_id (its config's, as jaxtune reads it): the token
+    seq2seq-lm batches start the decoder inputs with; None for other tasks."""
+    if get_task(recipe.task).data_kind != "seq2seq":
+        return None
+    config = _hf_config(recipe)
+    return getattr(make_config(get_family(config.get("model_type")), config), "decoder_start_token_id", None)
+
+
+def configured_task(recipe, config) -> Task:
+    """The recipe's task for a model config, with the recipe's task settings where it takes them
+    (seq2seq-lm: label smoothing, evaluation beams, target length, tokenizer)."""
+    task = get_task(recipe.task, config)
+    return task.with_recipe(recipe) if hasattr(task, "with_recipe") else task
 
 
 def speech_processor(data: Data, audio: AudioFormat) -> AudioProcessor:
@@ -261,7 +280,7 @@ def build(recipe, *, tokenizer=None, images=None, preprocessing: Optional[str] =
     retention = build_retention(recipe, plan=plan, model=model, tokenizer=tokenizer, spec=spec,
                                 abstract_state=abstract)
     return Run(recipe=recipe, plan=plan, data=data, model=model, fresh=fresh,
-               task=get_task(recipe.task, model.config), total_steps=total, optimizer=optimizer,
+               task=configured_task(recipe, model.config), total_steps=total, optimizer=optimizer,
                param_shardings=param_sh, abstract=abstract, preprocessing=preprocessing, lora=spec,
                retention=retention)
 

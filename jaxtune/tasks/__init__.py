@@ -30,6 +30,7 @@ TASKS = {
     "causal-lm": "jaxtune.tasks.causal_lm",
     "image-classification": "jaxtune.tasks.image_classification",
     "ctc": "jaxtune.tasks.ctc",
+    "seq2seq-lm": "jaxtune.tasks.seq2seq_lm",
 }
 
 # public name -> module that defines it (loaded on first access: they import jax)

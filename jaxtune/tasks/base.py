@@ -19,7 +19,9 @@ import numpy as np
 
 # Batch keys a model takes as inputs; everything else (labels, weights, ids) stays out.
 # segment_ids: packed causal-LM rows (which example each token belongs to; see tasks/causal_lm.py).
+# decoder_input_ids / decoder_attention_mask: an encoder-decoder's target side (tasks/seq2seq_lm.py).
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "segment_ids",
+                "decoder_input_ids", "decoder_attention_mask",
                 "pixel_values", "input_values")
 
 

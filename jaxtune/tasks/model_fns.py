@@ -56,6 +56,8 @@ def make_eval_fn(model, task: Optional[str | Task] = None) -> Callable:
     """`eval_fn(params, batch) -> dict of sums` (see `Task.outputs`), deterministic."""
     graphdef, _, rest = split(model)
     task = _resolve(model, task)
+    if hasattr(task, "eval_fn"):  # a task whose evaluation does more than one forward pass (seq2seq-lm generates)
+        return task.eval_fn(graphdef, rest)
 
     def eval_fn(params, batch):
         out = merge(graphdef, params, rest)(**model_inputs(batch), deterministic=True)
