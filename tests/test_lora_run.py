@@ -220,7 +220,7 @@ def test_a_qlora_run_trains_on_the_nf4_base_and_exports_the_merged_model(assets,
     path = recipe(out, name="lora-nf4", lora=dict(LORA, base_dtype="nf4"), train__steps=6)
     proc = _tiny_run.cli("run", path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "LoRA rank 4 on 12 kernels (stored nf4)" in proc.stdout
+    assert "LoRA rank 4 on 12 kernels (frozen matrices stored nf4)" in proc.stdout
     params = re.compile(r"[\d.]+M params")  # the model's size, not its codes + scales
     assert params.findall(proc.stdout) == params.findall(reference[1].stdout) != []
     ours = load(out)

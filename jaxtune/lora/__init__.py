@@ -7,7 +7,7 @@
 
 Modules: `layers` (the adapted layer, adapter dropout), `apply` (targets, train_also, the split
 into trainable and frozen, merging), `steps` (loss / eval functions for the pure steps), `peft` (PEFT adapter folders, both ways),
-`quant` (QLoRA: the frozen base kernels as int8 / NF4 QTensors).
+`quant` (QLoRA: the frozen base's matrices as int8 / NF4 QTensors).
 """
 
 from jaxtune.lora.apply import (

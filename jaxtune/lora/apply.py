@@ -52,7 +52,7 @@ class LoRASpec:
     dropout: float
     targets: tuple  # the adapted kernels' paths (tuples)
     train_also: tuple  # regexes
-    base_dtype: Optional[str] = None  # QLoRA: the adapted kernels stored as 'int8' / 'nf4' (QTensor)
+    base_dtype: Optional[str] = None  # QLoRA: the base's frozen matrices stored as 'int8' / 'nf4' (QTensor)
 
     @property
     def scale(self) -> float:
@@ -102,8 +102,8 @@ def apply(model, *, rank: int = 8, alpha: Optional[float] = None, dropout: float
 
     `alpha` defaults to `2 * rank`; the adapters add `x @ A @ B * alpha / rank`; A starts random
     (seeded by `seed` and the path), B at zero, so the model's outputs do not change.
-    `base_dtype` ('int8' / 'nf4', QLoRA): each adapted kernel is replaced by its quantized
-    QTensor (`jaxtune.lora.quant`), dequantized in the layer's matmul.
+    `base_dtype` ('int8' / 'nf4', QLoRA): every frozen matrix of the base (see `quantize_frozen`)
+    is replaced by its quantized QTensor (`jaxtune.lora.quant`), dequantized where it is used.
     """
     if getattr(model, "lora_spec", None) is not None:
         raise ConfigError("lora: the model already has adapters")
@@ -113,10 +113,9 @@ def apply(model, *, rank: int = 8, alpha: Optional[float] = None, dropout: float
     for i, path in enumerate(hits):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(path_str(path).encode()))
         adapt(modules[path[:-1]], rank=rank, alpha=alpha, dropout_rate=dropout, key=key, lora_id=i)
-        if base_dtype is not None:
-            kernel = modules[path[:-1]].kernel
-            kernel.set_value(quantize(kernel[...], base_dtype))
     spec = LoRASpec(rank, alpha, float(dropout), tuple(hits), train_also, base_dtype)
+    if base_dtype is not None:
+        quantize_frozen(modules, spec, base_dtype)
     # Frozen Linears that got no adapter (BERT's pooler) drop the CPU kernels' custom backward
     # too: it would compute their (unused) kernel gradient.
     for path, m in modules.items():
@@ -124,6 +123,23 @@ def apply(model, *, rank: int = 8, alpha: Optional[float] = None, dropout: float
             m.dot_general = frozen_dot_general
     model.lora_spec = spec
     return spec
+
+
+def quantize_frozen(modules: dict, spec: LoRASpec, kind: str) -> None:
+    """QLoRA: store every frozen floating matrix (ndim >= 2) of the base as a QTensor of `kind`:
+    the adapted kernels, and also the embeddings (a tied LM head's too), an untied LM head and
+    frozen linears without adapters, which would otherwise keep a third of a small LM's base in
+    float32. Vectors (norms, biases) and what trains stay float. Every use reads them through
+    `param[...]` (nnx.Linear, nnx.Embed and its `attend`, the families' own layers), which
+    dequantizes."""
+    for path, m in modules.items():
+        for name, var in list(vars(m).items()):
+            if not isinstance(var, nnx.Param) or spec.trains(path + (name,)):
+                continue
+            value = var.get_value()
+            if is_quantized(value) or value.ndim < 2 or not jnp.issubdtype(value.dtype, jnp.floating):
+                continue  # a tied matrix is met twice: quantized once
+            var.set_value(quantize(value, kind))
 
 
 def select(model, targets: Optional[str] = None, train_also: Optional[Sequence[str]] = None):
@@ -202,12 +218,11 @@ def merged_params(spec: LoRASpec, params: dict) -> dict:
     """Params without adapters, each adapted kernel replaced by `W + scale * A @ B` (float32
     accumulation, cast back): what an export writes and transformers loads."""
     flat = flatten(params)
-    out = {p: v for p, v in flat.items() if p[-1] not in LORA_LEAVES}
+    # QLoRA: the dequantized base (what the model computed with)
+    out = {p: (v.dequantize() if is_quantized(v) else v) for p, v in flat.items() if p[-1] not in LORA_LEAVES}
     for kpath in spec.targets:
         base = kpath[:-1]
-        a, b, w = flat[base + ("lora_a",)], flat[base + ("lora_b",)], flat[kpath]
-        if is_quantized(w):  # QLoRA: the dequantized base (what the model computed with)
-            w = w.dequantize()
+        a, b, w = flat[base + ("lora_a",)], flat[base + ("lora_b",)], out[kpath]
         delta = jnp.tensordot(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), axes=1)
         out[kpath] = (jnp.asarray(w, jnp.float32) + spec.scale * delta).astype(w.dtype)
     return unflatten(out)
@@ -218,4 +233,4 @@ def is_lora(model) -> bool:
 
 
 __all__ = ["LoRASpec", "apply", "check", "combine", "default_targets", "default_train_also", "is_lora",
-           "merged_params", "partition", "spec_of"]
+           "merged_params", "partition", "quantize_frozen", "spec_of"]

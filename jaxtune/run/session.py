@@ -192,7 +192,7 @@ def describe(s: Session) -> list[str]:
         f"model: {type(r.model).__name__} from {recipe.model.path or 'model.config'}, "
         f"{n_params / 1e6:.2f}M params" + (f", new: {fresh}" if fresh else "")
         + (f"; LoRA rank {r.lora.rank} on {len(r.lora.targets)} kernels"
-           + (f" (stored {r.lora.base_dtype})" if r.lora.base_dtype else "") + f", {n_train / 1e6:.3f}M trainable"
+           + (f" (frozen matrices stored {r.lora.base_dtype})" if r.lora.base_dtype else "") + f", {n_train / 1e6:.3f}M trainable"
            if r.lora else ""),
         f"training {r.total_steps} steps ({r.total_steps / d.steps_per_epoch:.3g} epochs of "
         f"{d.steps_per_epoch}, batch {recipe.train.batch_size}) on {jax.device_count()} "

@@ -1,9 +1,10 @@
-"""QLoRA (lora.apply(..., base_dtype='int8' | 'nf4')): the adapted kernels are stored quantized with
-blockwise scales and dequantized in the matmul. A QLoRA model's logits equal those of a LoRA
-model whose base kernels were replaced by dequantize(quantize(W)); a train step leaves the
-quantized base bit-identical; the merged export (dequantized base + adapters) is read by
-transformers with the same logits; on SmolLM2 the compiled memory analysis counts the base
-kernels' bytes: int8 ~27%, nf4 ~14% of float32 (XLA CPU stores uint4 packed)."""
+"""QLoRA (lora.apply(..., base_dtype='int8' | 'nf4')): every frozen matrix of the base (adapted
+kernels, embeddings, untied heads) is stored quantized with blockwise scales and dequantized where
+it is used. A QLoRA model's logits equal those of a LoRA model whose frozen matrices were
+replaced by dequantize(quantize(W)); a train step leaves the quantized base bit-identical; the
+merged export (dequantized base + adapters) is read by transformers with the same logits; on
+SmolLM2 the compiled memory analysis counts the base's bytes: int8 ~27%, nf4 ~14% of float32
+(XLA CPU stores uint4 packed)."""
 
 from __future__ import annotations
 
@@ -67,10 +68,13 @@ def test_qlora_equals_lora_on_the_dequantized_base_and_exports(arch, task, auto,
     assert spec.base_dtype == kind
     trainable, q_frozen = lora.partition(q_model)
     quantized = {p: v for p, v in flatten(q_frozen).items() if isinstance(v, QTensor)}
-    assert set(quantized) == set(spec.targets)
+    # every frozen matrix (the adapted kernels, the embeddings, ...); vectors stay float
+    matrices = {p for p, v in flatten(q_frozen).items() if len(v.shape) >= 2}
+    assert set(quantized) == matrices and set(spec.targets) < matrices
+    assert any(p[-1] == "embedding" for p in quantized)
     trainable = _moved(trainable)
 
-    # the reference: plain LoRA whose base kernels are dequantize(quantize(W)), same adapters
+    # the reference: plain LoRA whose frozen matrices are dequantize(quantize(W)), same adapters
     ref_model = from_pretrained(path, task)
     lora.apply(ref_model, rank=3, alpha=5.0)
     ref_frozen = lora.partition(ref_model)[1]
@@ -125,7 +129,8 @@ def _argument_bytes(tree) -> int:
 def test_smollm2_base_memory_fp32_int8_nf4():
     model = from_pretrained(SMOLLM2, "causal-lm")
     spec = lora.apply(model, rank=8)
-    kernels = {p: v for p, v in flatten(lora.partition(model)[1]).items() if p in spec.targets}
+    frozen = flatten(lora.partition(model)[1])
+    kernels = {p: v for p, v in frozen.items() if p in spec.targets}
     sizes = {"float32": _argument_bytes(kernels)}
     for kind in ("int8", "nf4"):
         sizes[kind] = _argument_bytes({p: quantize(v, kind) for p, v in kernels.items()})
@@ -137,11 +142,19 @@ def test_smollm2_base_memory_fp32_int8_nf4():
     assert sizes["nf4"] == n // 2 + 4 * n // 64  # uint4 codes packed two per byte
     assert sizes["nf4"] <= 0.2 * sizes["float32"] and sizes["int8"] <= 0.3 * sizes["float32"]
 
-    # the whole frozen base: the tied 49152 x 576 embedding (and the norms) stay float32
-    frozen = flatten(lora.partition(model)[1])
-    rest = sum(v.size for p, v in frozen.items() if p not in kernels)
+    # the whole frozen base as lora.apply(..., base_dtype=...) stores it: the tied 49152 x 576
+    # embedding is quantized too, the norms (vectors) stay float32
+    matrices = {p for p, v in frozen.items() if v.ndim >= 2}
+    vectors = sum(v.size for p, v in frozen.items() if p not in matrices)
+    n_all = sum(frozen[p].size for p in matrices)
     whole = {"float32": _argument_bytes(unflatten(frozen))}
-    whole["nf4"] = _argument_bytes(unflatten({p: quantize(v, "nf4") if p in kernels else v for p, v in frozen.items()}))
-    print(f"whole frozen base ({(n + rest) / 1e6:.1f}M values): float32 {whole['float32'] / 2**20:.1f} MiB, "
-          f"nf4 kernels {whole['nf4'] / 2**20:.1f} MiB ({whole['nf4'] / whole['float32']:.1%})")
-    assert whole["nf4"] == sizes["nf4"] + 4 * rest
+    for kind in ("int8", "nf4"):
+        q_model = from_pretrained(SMOLLM2, "causal-lm")
+        lora.apply(q_model, rank=8, base_dtype=kind)
+        q_frozen = flatten(lora.partition(q_model)[1])
+        assert {p for p, v in q_frozen.items() if isinstance(v, QTensor)} == matrices
+        whole[kind] = _argument_bytes(unflatten(q_frozen))
+    print(f"whole frozen base ({(n_all + vectors) / 1e6:.1f}M values): "
+          + ", ".join(f"{k} {b / 2**20:.1f} MiB ({b / whole['float32']:.1%})" for k, b in whole.items()))
+    assert whole["float32"] == 4 * (n_all + vectors)
+    assert whole["nf4"] <= 0.2 * whole["float32"] and whole["int8"] <= 0.3 * whole["float32"]
