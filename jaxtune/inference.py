@@ -146,7 +146,7 @@ def _load_run(run: Path, *, step: Optional[int], best: bool, plan) -> Loaded:
     finally:
         ckpt.close()
     return Loaded(merge(graphdef, params, rest), task, f"{run}, checkpoint step {chosen} ({why})",
-                  recipe.model.path, recipe=recipe, step=chosen)
+                  recipe.model.path or recipe.model.tokenizer, recipe=recipe, step=chosen)
 
 
 def lora_run_model(recipe, task: str, hf_config: dict, plan):
