@@ -226,5 +226,5 @@ def test_each_task_says_what_data_it_reads_and_what_a_model_folder_must_supply()
     kinds = {n: (get_task(n).data_kind, get_task(n).modality) for n in TASKS}
     assert kinds == {"sequence-classification": ("text", "text"), "token-classification": ("tokens", "text"),
                      "causal-lm": ("lm", "text"), "image-classification": ("image", "image"),
-                     "ctc": ("audio", "audio")}
+                     "ctc": ("audio", "audio"), "seq2seq-lm": ("seq2seq", "text")}
     assert get_task("causal-lm").predict_options and not get_task("sequence-classification").predict_options
