@@ -16,7 +16,9 @@ import jiwer
 import numpy as np
 import pytest
 import soundfile as sf
+from click.testing import CliRunner
 
+from jaxtune.cli import main
 from jaxtune.data.audio import CharVocab
 from jaxtune.models import from_pretrained
 from jaxtune.tasks import get_task
@@ -185,11 +187,10 @@ def test_run_export_and_predict_from_the_command_line(tmp_path):
     with torch.no_grad():
         ref = theirs(torch.from_numpy(inputs.input_values)).logits.numpy()
     np.testing.assert_allclose(np.asarray(trained(input_values=inputs.input_values).logits), ref, atol=1e-4)
-    pred = subprocess.run([sys.executable, "-m", "jaxtune.cli", "predict", str(export),
-                           str(tmp_path / "test" / "0.wav"), str(tmp_path / "test" / "1.wav")],
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert pred.returncode == 0, pred.stderr[-2000:]
-    lines = [l for l in pred.stdout.splitlines() if "<-" in l]
+    pred = CliRunner().invoke(main, ["predict", str(export), str(tmp_path / "test" / "0.wav"),
+                                     str(tmp_path / "test" / "1.wav")])
+    assert pred.exit_code == 0, pred.output[-2000:]
+    lines = [l for l in pred.output.splitlines() if "<-" in l]
     assert len(lines) == 2 and lines[0].endswith(f"<- {tmp_path / 'test' / '0.wav'}")
     greedy = proc.batch_decode(ref.argmax(-1))[0]  # transformers' own greedy decoding of its logits
     assert lines[0].split("  <- ")[0] == greedy

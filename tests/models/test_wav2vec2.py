@@ -14,7 +14,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from jaxtune.errors import JaxtuneError, ModelLoadError
-from jaxtune.models import depth_tree, flatten, from_config, from_pretrained, logical_axes, save_pretrained, split
+from jaxtune.models import (depth_tree, family_of, flatten, from_config, from_pretrained, logical_axes, merge,
+                            save_pretrained, split)
 from jaxtune.models.wav2vec2.modeling import span_mask
 
 ATOL = 1e-4
@@ -227,18 +228,18 @@ def test_remat_gives_the_same_gradients_and_bf16_compute_stays_close(tiny):
     batch = audio_batch()
     keep = real_frames(from_pretrained(path), batch)
 
-    def grads(**kw):
-        model = from_pretrained(path, **kw)
+    def loss_of(model):
         graphdef, params, rest = split(model)
 
         def loss(p):
-            from jaxtune.models import merge
             logits = merge(graphdef, p, rest)(**batch).logits
             return jnp.sum(jnp.where(keep[..., None], logits, 0) ** 2)
 
-        return jax.grad(loss)(params)
+        return jax.grad(loss), params
 
-    plain, remat = flatten(grads()), flatten(grads(remat=True))
+    (plain_grad, params), (remat_grad, same) = loss_of(from_pretrained(path)), loss_of(from_pretrained(path, remat=True))
+    assert "remat" in str(jax.make_jaxpr(remat_grad)(same))  # the layers are rematerialised
+    plain, remat = flatten(plain_grad(params)), flatten(remat_grad(same))
     for p in plain:
         np.testing.assert_allclose(np.asarray(remat[p]), np.asarray(plain[p]), rtol=1e-4, atol=1e-5)
     f32 = np.asarray(from_pretrained(path)(**batch).logits)
@@ -259,8 +260,8 @@ def test_logical_axes_and_depth(tiny):
     assert axes["hubert/encoder/layers/0/attention/q_proj/kernel"] == ("embed", "heads")
     assert axes["hubert/encoder/layers/1/feed_forward/output_dense/kernel"] == ("mlp", "embed")
     assert axes["lm_head/kernel"] == ("embed", "vocab")
-    depth = {"/".join(map(str, p)): d for p, d in flatten(depth_tree(
-        __import__("jaxtune").models.family_of(model), model.config, split(model)[1])).items()}
+    depth = {"/".join(map(str, p)): d for p, d in flatten(depth_tree(family_of(model), model.config,
+                                                                      split(model)[1])).items()}
     assert depth["hubert/feature_extractor/conv_layers/0/conv/kernel"] == 0
     assert depth["hubert/encoder/pos_conv_embed/conv/weight_g"] == 0
     assert depth["hubert/encoder/layers/1/attention/k_proj/kernel"] == 2

@@ -18,7 +18,7 @@ from jaxtune.models import flatten, path_str
 from jaxtune.tasks import make_loss_fn
 from jaxtune.train import make_train_step
 
-CONFIG = dict(model_type="wav2vec2", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+CONFIG = dict(model_type="wav2vec2", hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
               intermediate_size=64, conv_dim=(8, 16), conv_stride=(3, 2), conv_kernel=(5, 3), conv_bias=True,
               num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=4, vocab_size=12, layerdrop=0.0,
               hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, final_dropout=0.0,
