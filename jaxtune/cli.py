@@ -270,7 +270,8 @@ def predict_cmd(model_dir, inputs, as_json, max_new_tokens, sample, temperature,
     Classifiers print the label with its probability, then the runners-up; token classifiers
     print word/TAG for each whitespace-separated word; causal LMs print "prompt" -> "generated";
     seq2seq LMs print "source" -> "generated target".
-    INPUTs are texts for text models (prompts for causal LMs) and image paths for image models.
+    INPUTs are texts for text models (prompts for causal LMs) and image paths for image models;
+    speech models (task ctc) take WAV/FLAC files and print each one's greedy transcript.
     A causal LM whose tokenizer has a chat template gets each prompt as a one-turn user message
     in it (with the generation prompt) and prints the reply; --raw feeds the prompt as it is.
 
