@@ -162,7 +162,8 @@ def test_a_recipe_run_checkpoints_resumes_and_exports_the_statistics(tmp_path):
         "model": {"config": {"model_type": "resnet", "num_channels": 1, "embedding_size": 8,
                              "hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"}},
         "data": {"train": f"images:{image_folder(tmp_path / 'images')}", "validation_fraction": 0.0,
-                 "augment": {"crop_scale": [0.5, 1.0], "hflip": True, "mixup": 0.2, "cutmix": 1.0},
+                 # soft labels from smoothing (mixup / cutmix draws are keyed the same way: test_augment)
+                 "augment": {"crop_scale": [0.5, 1.0], "hflip": True, "label_smoothing": 0.1},
                  "cache_dir": str(tmp_path / "cache")},
         # constant: the 2-step session's schedule is the 4-step one's; no validation: nothing else compiles
         "optim": {"name": "adamw", "lr": 0.01, "schedule": "constant"},

