@@ -53,3 +53,13 @@ def test_config_errors_are_one_line():
         from_config(dict(small, model_type="bart", decoder_attention_heads=3), "seq2seq-lm")
     with pytest.raises(ModelLoadError, match="layerdrop"):
         from_config(dict(small, model_type="bart", encoder_layerdrop=0.1), "seq2seq-lm")
+
+
+def test_verify_seq2seq_lm(tiny):
+    """`jaxtune verify --task seq2seq-lm`: logits on the decoder's real positions and the encoder
+    output, against transformers' AutoModelForSeq2SeqLM."""
+    from jaxtune.models.verify import verify
+
+    task, diffs = verify(tiny("marian").path, "seq2seq-lm")
+    assert task == "seq2seq-lm" and set(diffs) == {"logits", "encoder_last_hidden_state"}
+    assert max(diffs.values()) <= ts.ATOL
