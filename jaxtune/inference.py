@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import jax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtune import lora
 from jaxtune.checkpoint import CheckpointDamaged, Checkpoints
@@ -35,6 +37,7 @@ from jaxtune.models import (
     abstract_model, from_pretrained, get_family, hf, load_weights, make_config, merge, save_pretrained,
 )
 from jaxtune.models import split as split_model  # `split` is also a data split below
+from jaxtune.models.trees import batch_stats
 from jaxtune.parallel import Plan
 from jaxtune.run.build import apply_lora, build_data, is_lora_recipe, load_preprocessing
 from jaxtune.run.folder import CHECKPOINTS, CONFIG, EXPORT, is_run_dir, read_model_config
@@ -139,13 +142,21 @@ def _load_run(run: Path, *, step: Optional[int], best: bool, plan) -> Loaded:
             target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params,
                                   plan.param_shardings(abstract))
             params = ckpt.restore_params(chosen, target)
+        stats = batch_stats(abstract)
+        if stats:  # a BatchNorm model: its running statistics trained with it, in the TrainState's model_state
+            replicated = NamedSharding(plan.mesh, PartitionSpec())
+            stats = ckpt.restore_model_state(chosen, jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), stats))
     except CheckpointDamaged as e:  # read-only here: say which others exist, move nothing
         others = [s for s in steps if s != e.step]
         raise CheckpointDamaged(f"{e}; other checkpoints: {', '.join(map(str, others))} (--step N)"
                                 if others else f"{e}; it is the only checkpoint of {run}", e.step) from None
     finally:
         ckpt.close()
-    return Loaded(merge(graphdef, params, rest), task, f"{run}, checkpoint step {chosen} ({why})",
+    model = merge(graphdef, params, rest)
+    if stats:
+        nnx.update(model, stats)
+    return Loaded(model, task, f"{run}, checkpoint step {chosen} ({why})",
                   recipe.model.path or recipe.model.tokenizer, recipe=recipe, step=chosen)
 
 

@@ -3,7 +3,8 @@ exactly as PyTorch's train-mode forward does (momentum, unbiased running varianc
 num_batches_tracked) and normalise by the batch's statistics; frozen BatchNorm normalises by the
 running ones and leaves them alone; 8 fake devices give the statistics of one (the GLOBAL batch's);
 a recipe run checkpoints them (a resumed run, with on-device augmentation, ends bit-identical to an
-uninterrupted one) and exports them (transformers reloads the export with jaxtune's logits)."""
+uninterrupted one) and exports them (transformers reloads the export with jaxtune's logits; the
+run folder loads with the checkpoint's statistics)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from PIL import Image
 
 from jaxtune import parallel
 from jaxtune.config import MeshConfig, load_recipe
+from jaxtune.inference import load
 from jaxtune.models import flatten, from_config, from_pretrained, path_str, split
 from jaxtune.models.trees import batch_stats
 from jaxtune.run import run
@@ -190,3 +192,6 @@ def test_a_recipe_run_checkpoints_resumes_and_exports_the_statistics(tmp_path):
         ref = theirs(pixel_values=torch.from_numpy(pixels)).logits.numpy()
     ours = from_pretrained(tmp_path / "a" / "export")(pixel_values=pixels).logits
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4)
+    # the run folder itself (jaxtune eval / export / predict RUN): its checkpoint's statistics too
+    from_run = load(tmp_path / "a").model(pixel_values=pixels).logits
+    np.testing.assert_allclose(np.asarray(from_run), np.asarray(ours), atol=1e-6)
