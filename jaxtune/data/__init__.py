@@ -51,11 +51,16 @@ Batches are dicts of numpy arrays with a fixed leading size b = batch_size / sha
   The layout is fixed when the data is built (`jaxtune.data.packing`); evaluation packs each split
   in order, every example in exactly one row
 - image-classification: pixel_values float32 (b, C, H, W), labels int32 (b,)
+- ctc (speech, `jaxtune.data.audio`): input_values float32 (b, S) (normalised waveforms, zero after
+  each recording), attention_mask int32 (b, S), labels int32 (b, max_length) character ids, -100
+  after the transcript; S is one of data.buckets (audio buckets, x1.25 apart); label_names is the
+  vocabulary (build_data's `audio=`: the model's AudioFormat, else built from the transcripts)
 - always: weights float32 (b,), 1 for real examples, 0 for the filler rows of a last batch.
 T is one of data.buckets (the smallest holding the longest sequence of the global batch).
 
 Data specs (`data.train|validation|test`): `tfds:NAME[/CONFIG][:SPLIT]`, `csv:PATH`, `tsv:PATH`,
-`jsonl:PATH`, `images:DIR`, `idx:IMAGES[,LABELS]`; PATH may be `pkg:PACKAGE/path`. Local files
+`jsonl:PATH`, `images:DIR`, `idx:IMAGES[,LABELS]`, `audio:DIR` (WAV/FLAC + .txt transcripts);
+PATH may be `pkg:PACKAGE/path`. Local files
 are converted once to a TFDS array_record dataset under the cache dir (see `jaxtune.data.local`).
 Without a validation (test) spec, data.validation_fraction (test_fraction) of train is held out,
 seeded and stratified; identical texts are kept in the first split only (data.deduplicate).
