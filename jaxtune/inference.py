@@ -66,8 +66,10 @@ class Loaded:
         return [str(n) for n in names]
 
     def task_object(self):
-        """The `jaxtune.tasks` Task of this model (its predict, format, metrics)."""
-        return get_task(self.task, self.model.config)
+        """The `jaxtune.tasks` Task of this model (its predict, format, metrics), with the run's task
+        settings where the task takes them (seq2seq-lm: target length, beams, tokenizer)."""
+        task = get_task(self.task, self.model.config)
+        return task.for_loaded(self) if hasattr(task, "for_loaded") else task
 
 
 def _plan() -> Plan:
@@ -204,7 +206,8 @@ def _eval_recipe(path, loaded: Loaded, data: Optional[str], overrides: Sequence[
             raise ConfigError(f"override '{o}': eval takes data.KEY=VALUE overrides only")
     raw = to_dict(loaded.recipe) if loaded.recipe is not None else {"model": {}, "data": {}, "train": {}}
     raw["task"] = loaded.task
-    raw["model"]["path"] = loaded.tokenizer_dir
+    if not (loaded.recipe is not None and loaded.recipe.model.path is None and loaded.recipe.model.tokenizer):
+        raw["model"]["path"] = loaded.tokenizer_dir  # (a model from model.config keeps its model.tokenizer)
     if data is not None:  # the whole file, its labels mapped onto the model's ids
         raw["data"].update(train=data, validation=None, test=None, validation_fraction=0.0,
                            test_fraction=0.0, deduplicate=False)

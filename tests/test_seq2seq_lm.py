@@ -168,5 +168,11 @@ def test_run_evaluates_generated_targets_and_predict_prints_them(g2p_like_run):
     assert printed.exit_code == 0, printed.output
     results = [json.loads(line) for line in printed.output.strip().splitlines()[-2:]]
     assert [r["generated"] for r in results] == hyps[:2]
+    evaluated = CliRunner().invoke(main, ["eval", str(root / "run"), "--split", "validation", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    again = json.loads(evaluated.output.strip().splitlines()[-1])
+    again = again.get("metrics", again)
+    for k in ("loss", "bleu", "chrf", "exact_match", "wer"):  # jaxtune eval of the run = its own evaluation
+        assert again[k] == pytest.approx(m[k], rel=1e-5, abs=1e-6), k
     beams = CliRunner().invoke(main, ["predict", str(root / "run"), val_rows[0][0], "--num-beams", "3"])
     assert beams.exit_code == 0 and beams.output.strip().splitlines()[-1].startswith(f'"{val_rows[0][0]}" -> "')

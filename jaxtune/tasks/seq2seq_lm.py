@@ -85,6 +85,12 @@ class Seq2SeqLM(Task):
             max_new_tokens=d.max_target_length or d.max_length,
             tokenizer_path=getattr(recipe.model, "tokenizer", None) or recipe.model.path)
 
+    def for_loaded(self, loaded) -> "Seq2SeqLM":
+        """The settings of a loaded run (its recipe's), or a model folder's tokenizer."""
+        if loaded.recipe is not None:
+            return self.with_recipe(loaded.recipe)
+        return dataclasses.replace(self, tokenizer_path=loaded.tokenizer_dir)
+
     def loss(self, logits_BTV, batch):
         loss_BT, w_BT, correct_BT = token_terms(logits_BTV, batch, self.label_smoothing)
         aux = {"accuracy": weighted_mean(correct_BT.astype(jnp.float32), w_BT), "tokens": jnp.sum(w_BT > 0)}
