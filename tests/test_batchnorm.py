@@ -142,6 +142,19 @@ def test_eight_devices_give_the_global_batch_statistics_of_one():
         np.testing.assert_allclose(np.asarray(x), want_params[path], rtol=1e-4, atol=1e-5, err_msg=path_str(path))
 
 
+def test_freeze_batchnorm_on_a_model_without_batchnorm_is_one_line(tmp_path):
+    from jaxtune.errors import ConfigError
+    from jaxtune.run.build import check_model
+
+    recipe = tmp_path / "vit.yaml"
+    recipe.write_text(yaml.safe_dump({"task": "image-classification", "model": {"freeze_batchnorm": True, "config": {
+        "model_type": "vit", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 16, "image_size": 8, "patch_size": 4}}}))
+    with pytest.raises(ConfigError, match=r"^model.freeze_batchnorm: vit models have no BatchNorm \(model.config\)$"):
+        check_model(load_recipe(recipe))
+    check_model(load_recipe(recipe, ["model.config={model_type: resnet}"]))  # a ResNet has BatchNorm
+
+
 def image_folder(root):
     """Two classes of 12 x 12 grayscale images: dark squares top-left vs bottom-right."""
     rng = np.random.default_rng(0)

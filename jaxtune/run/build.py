@@ -117,6 +117,10 @@ def check_model(recipe, *, lengths: bool = True) -> dict:
                 f"data.max_length ({recipe.data.max_length}) is longer than the model's {limit} positions "
                 f"({key} {getattr(cfg, key)} in {where}); set data.max_length={limit} or less"
             )
+    if m.freeze_batchnorm:  # a setting that would change nothing is a mistake worth one line
+        head = family.head(get_task(recipe.task).head)
+        if not batch_stats(abstract_model(head, make_config(family, config))):
+            raise ConfigError(f"model.freeze_batchnorm: {family.model_type} models have no BatchNorm ({where})")
     return config
 
 
