@@ -208,3 +208,7 @@ def test_a_recipe_run_checkpoints_resumes_and_exports_the_statistics(tmp_path):
     # the run folder itself (jaxtune eval / export / predict RUN): its checkpoint's statistics too
     from_run = load(tmp_path / "a").model(pixel_values=pixels).logits
     np.testing.assert_allclose(np.asarray(from_run), np.asarray(ours), atol=1e-6)
+    # an older checkpoint's statistics come with its params (what an export of the best step reads)
+    stem = load(tmp_path / "b", step=2).model.resnet.embedder.embedder.normalization
+    assert int(stem.num_batches_tracked[...]) == 2
+    assert not np.allclose(np.asarray(stem.running_var[...]), a["resnet.embedder.embedder.normalization.running_var"])
