@@ -11,6 +11,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sacrebleu
 import yaml
 from click.testing import CliRunner
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -95,8 +96,6 @@ def load_recipe_dict(**train):
 def test_sequence_scores():
     refs = ["HH AH0 L OW1", "K AE1 T", "D AO1 G"]
     hyps = ["HH AH0 L OW1", "K AE1 D", "D AO1 G Z"]
-    import sacrebleu
-
     s = sequence_scores(hyps, refs)
     assert s["exact_match"] == pytest.approx(1 / 3)
     assert s["wer"] == pytest.approx(2 / 10)  # one substitution + one insertion over 10 reference phonemes

@@ -8,6 +8,7 @@ import pytest
 
 from jaxtune.errors import ModelLoadError
 from jaxtune.models import flatten, from_config, from_pretrained, logical_axes
+from jaxtune.models.verify import verify
 
 import _tiny_seq2seq as ts
 
@@ -58,8 +59,6 @@ def test_config_errors_are_one_line():
 def test_verify_seq2seq_lm(tiny):
     """`jaxtune verify --task seq2seq-lm`: logits on the decoder's real positions and the encoder
     output, against transformers' AutoModelForSeq2SeqLM."""
-    from jaxtune.models.verify import verify
-
     task, diffs = verify(tiny("marian").path, "seq2seq-lm")
     assert task == "seq2seq-lm" and set(diffs) == {"logits", "encoder_last_hidden_state"}
     assert max(diffs.values()) <= ts.ATOL
