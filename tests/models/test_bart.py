@@ -54,6 +54,9 @@ def test_config_errors_are_one_line():
         from_config(dict(small, model_type="bart", decoder_attention_heads=3), "seq2seq-lm")
     with pytest.raises(ModelLoadError, match="layerdrop"):
         from_config(dict(small, model_type="bart", encoder_layerdrop=0.1), "seq2seq-lm")
+    for model_type in ("bart", "t5"):  # not silently ignored
+        with pytest.raises(ModelLoadError, match="model.remat is not supported for encoder-decoder models"):
+            from_config(dict(small, model_type=model_type), "seq2seq-lm", remat=True)
 
 
 def test_verify_seq2seq_lm(tiny):

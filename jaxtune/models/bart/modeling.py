@@ -113,6 +113,8 @@ class BartConfig(ConfigBase):
         if self.d_model % self.decoder_attention_heads:
             raise ModelLoadError(f"{self.model_type}: d_model {self.d_model} is not a multiple of "
                                  f"decoder_attention_heads {self.decoder_attention_heads}")
+        if self.remat:
+            raise ModelLoadError(f"{self.model_type}: model.remat is not supported for encoder-decoder models yet")
         if self.encoder_layerdrop or self.decoder_layerdrop:
             raise ModelLoadError(f"{self.model_type}: layerdrop ({self.encoder_layerdrop}, {self.decoder_layerdrop}) "
                                  "is not supported; set encoder_layerdrop and decoder_layerdrop to 0")

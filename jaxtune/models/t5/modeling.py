@@ -94,6 +94,8 @@ class T5Config(ConfigBase):
         # No d_model % heads check: the attention width is num_heads * d_kv.
         gated, act = self.gating
         activation(act)  # a one-line error for an unknown activation
+        if self.remat:
+            raise ModelLoadError(f"{self.model_type}: model.remat is not supported for encoder-decoder models yet")
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
         if self.decoder_start_token_id is None:
