@@ -288,6 +288,8 @@ def generate(
                           forced_eos_token_id)
     start, eos, pad, forced_bos, forced_eos = (ids_[k] for k in ("start", "eos", "pad", "forced_bos", "forced_eos"))
     U = source_bucket(ids.shape[1])
+    if limit is not None:  # padding never reaches past the position table (BART, Marian)
+        U = min(U, limit)
     ids_BU = np.full((ids.shape[0], U), pad, np.int32)
     mask_BU = np.zeros((ids.shape[0], U), np.int32)
     ids_BU[:, :ids.shape[1]], mask_BU[:, :ids.shape[1]] = ids, mask

@@ -119,3 +119,14 @@ def test_bad_settings_are_one_line(tiny):
         assert "\n" not in str(e.value)
     with pytest.raises(JaxtuneError, match="source row 1 has no tokens"):
         generate(model, ids, mask * np.array([[1], [0], [1]]))
+
+
+def test_source_padding_stops_at_the_position_table(tiny):
+    """A 33-token source on a 40-position BART pads to 40, not to the next power of two (64 rows
+    would read past the learned position table); the tokens are still transformers'."""
+    t = tiny("bart")
+    ids = np.random.default_rng(7).integers(3, 60, (2, 33))
+    mask = np.ones_like(ids)
+    ref = hf_generate(t.model, ids, mask, num_beams=1)
+    out = generate(from_pretrained(t.path), ids, mask, max_new_tokens=NEW)
+    np.testing.assert_array_equal(as_transformers_pads(out, 1, t.model.config.pad_token_id, 2), ref)
