@@ -4,7 +4,10 @@ Training augmentation (when `data.augment`): a random resized crop (area fractio
 `data.crop_scale`, aspect ratio 3/4..4/3, as torchvision's RandomResizedCrop) and a horizontal flip
 (`data.hflip`). Randomness comes from (seed, step, position in the global batch) only, so batches
 are the same whatever the worker count, and a resumed run redraws the same crops.
-Evaluation resizes to the target size (as HF's ViT image processor does, no crop).
+Evaluation resizes to the target size (as HF's ViT image processor does, no crop); a processor
+with `crop_pct` and a `shortest_edge` size below 384 (ConvNext's, which ResNet checkpoints use)
+resizes the short side to size / crop_pct and centre-crops, as transformers does. The resampling
+filter is the processor's `resample` (bilinear when it has none).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class ImageSettings:
     size: Optional[tuple[int, int]] = None  # (height, width); None: the images' own size
     mean: Optional[tuple[float, ...]] = None  # per channel, on [0, 1] pixels; None: 0
     std: Optional[tuple[float, ...]] = None  # None: 1
+    crop_pct: Optional[float] = None  # ConvNext-style evaluation: short side to size / crop_pct, centre crop
+    resample: int = Image.BILINEAR  # PIL filter (HF's `resample`: 2 bilinear, 3 bicubic)
 
     @classmethod
     def from_any(cls, obj: Any) -> "ImageSettings":
@@ -41,11 +46,13 @@ class ImageSettings:
         if not isinstance(obj, dict):
             raise DataError(f"image processor settings must be a mapping, got {type(obj).__name__}")
         size = obj.get("size", obj.get("crop_size"))
+        crop_pct = None
         if isinstance(size, dict):
             if "height" in size:
                 size = (size["height"], size["width"])
             elif "shortest_edge" in size:
                 size = size["shortest_edge"]
+                crop_pct = obj.get("crop_pct") if size < 384 else None  # transformers warps at 384 and up
             else:
                 raise DataError(f"image processor size {size} not understood")
         if isinstance(size, int):
@@ -58,10 +65,24 @@ class ImageSettings:
             mean = [mean]
         if isinstance(std, (int, float)):
             std = [std]
-        return cls(tuple(size) if size else None, tuple(mean) if mean else None, tuple(std) if std else None)
+        resample = obj.get("resample", Image.BILINEAR)
+        return cls(tuple(size) if size else None, tuple(mean) if mean else None, tuple(std) if std else None,
+                   crop_pct=crop_pct, resample=int(resample) if resample is not None else Image.BILINEAR)
 
     def with_size(self, size: Optional[int]) -> "ImageSettings":
-        return self if size is None else ImageSettings((size, size), self.mean, self.std)
+        return self if size is None else ImageSettings((size, size), self.mean, self.std, self.crop_pct, self.resample)
+
+    def fit(self, im):
+        """A PIL image at `size` as evaluation sees it (see the module docstring)."""
+        h, w = self.size
+        if self.crop_pct and h == w:
+            short = int(h / self.crop_pct)  # the short side, the long one scaled as transformers rounds it
+            rh, rw = ((short, int(short * im.width / im.height)) if im.height <= im.width
+                      else (int(short * im.height / im.width), short))
+            im = im.resize((rw, rh), self.resample)
+            top, left = (rh - h) // 2, (rw - w) // 2
+            return im.crop((left, top, left + w, top + h))
+        return im if (im.height, im.width) == (h, w) else im.resize((w, h), self.resample)
 
 
 def image_settings_from_model(path) -> Optional[dict]:
@@ -146,8 +167,8 @@ class ImageEncoder:
             im = im.resize((out_hw[1], out_hw[0]), Image.BILINEAR, box=(left, top, left + cw, top + ch))
             if self.hflip and rng.random() < 0.5:
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)
-        elif size and (im.height, im.width) != tuple(size):
-            im = im.resize((size[1], size[0]), Image.BILINEAR)
+        elif size:
+            im = self.settings.fit(im)
         x = np.asarray(im, np.float32) / 255.0
         x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
         return (x - self.mean) / self.std

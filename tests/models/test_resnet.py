@@ -162,3 +162,23 @@ def test_jaxtune_verify_compares_a_resnet_folder_with_transformers(tiny):
                               hidden_act="gelu").path, None)
     assert task == "image-classification" and set(diffs) >= {"logits"}
     assert all(d <= ATOL for d in diffs.values()) and diffs["logits"] > 0
+
+
+@pytest.mark.parametrize("hw,edge", [((40, 50), 32), ((61, 37), 32), ((30, 44), 400)], ids=str)
+def test_evaluation_preprocessing_equals_transformers_convnext_processor(hw, edge):
+    """ResNet checkpoints ship ConvNext's processor: short side to size / crop_pct (bicubic), centre
+    crop; at 384 and up a plain resize. jaxtune's evaluation pixels equal transformers' (PIL backend)."""
+    from PIL import Image
+    from transformers.models.convnext.image_processing_pil_convnext import ConvNextImageProcessorPil
+
+    from jaxtune.data.image import ImageEncoder, ImageSettings
+
+    processor = ConvNextImageProcessorPil(size={"shortest_edge": edge}, crop_pct=0.875,
+                                          image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.25])
+    pixels = np.random.default_rng(0).integers(0, 256, (*hw, 3)).astype(np.uint8)
+    ref = processor(Image.fromarray(pixels), return_tensors="np")["pixel_values"][0]
+    settings = ImageSettings.from_any(processor.to_dict())
+    assert settings.size == (edge, edge) and settings.resample == Image.BICUBIC
+    ours = ImageEncoder(settings, 3)([{"image": pixels}])[0]
+    assert ours.shape == ref.shape == (3, edge, edge)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
