@@ -9,6 +9,7 @@ run folder loads with the checkpoint's statistics)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -180,13 +181,19 @@ def test_a_recipe_run_checkpoints_resumes_and_exports_the_statistics(tmp_path):
                  # soft labels from smoothing (mixup / cutmix draws are keyed the same way: test_augment)
                  "augment": {"crop_scale": [0.5, 1.0], "hflip": True, "label_smoothing": 0.1},
                  "cache_dir": str(tmp_path / "cache")},
-        # constant: the 2-step session's schedule is the 4-step one's; no validation: nothing else compiles
+        # no validation: nothing but the train step compiles
         "optim": {"name": "adamw", "lr": 0.01, "schedule": "constant"},
         "train": {"batch_size": 8, "steps": 4, "seed": 3},
+        "checkpoint": {"every": 2},
         "mesh": {"data": -1},  # the session's 8 fake devices: one image each
     }))
     straight = run(load_recipe(recipe, [f"output_dir={tmp_path / 'a'}"]))
-    run(load_recipe(recipe, [f"output_dir={tmp_path / 'b'}", "train.steps=2"]))
+    # the same run stopped after step 2: its folder as it was then (the step-4 checkpoint and the
+    # results gone), resumed
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")
+    shutil.rmtree(tmp_path / "b" / "export")
+    (tmp_path / "b" / "summary.json").unlink()
     resumed = run(load_recipe(recipe, [f"output_dir={tmp_path / 'b'}"]))
     assert resumed["resumed_from"] == 2 and straight["steps"] == resumed["steps"] == 4
     from safetensors.numpy import load_file
