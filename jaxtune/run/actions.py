@@ -193,7 +193,7 @@ def evaluate_if_due(s: Session, eval_step, state, step: int, window: Window,
 def log_retention(s: Session, state, step: int) -> Optional[dict]:
     """data.retention's measure of `state` (`jaxtune.retention`), logged as split 'retention'
     (TensorBoard: retention/<metric>); None without retention data."""
-    r = s.run.retention
+    r = getattr(s.run, "retention", None)  # a stand-in run (research loops, tests) may not have one
     if r is None:
         return None
     m = r.evaluate(state)
