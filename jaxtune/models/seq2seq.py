@@ -131,5 +131,25 @@ def decoder_inputs(cfg, decoder_input_ids, decoder_attention_mask, labels, who: 
     return decoder_input_ids, decoder_attention_mask.astype(jnp.int32)
 
 
-__all__ = ["IGNORE", "Seq2SeqCache", "Seq2SeqOutput", "causal_bias", "decoder_inputs", "decoder_slots",
+class Seq2SeqLM:
+    """The forward of every `...ForConditionalGeneration` head (a mixin placed before nnx.Module):
+    encode the source, build the decoder inputs (from `labels` shifted right when none are given),
+    decode. The head supplies `config`, `encode(ids, mask, ...) -> (h, hidden_states)` and
+    `decode(ids, mask, encoder_h, encoder_mask, ...) -> Seq2SeqOutput`."""
+
+    def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                 labels=None, token_type_ids=None, position_ids=None, *, deterministic: bool = True, rngs=None,
+                 output_hidden_states: bool = False) -> Seq2SeqOutput:
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        dec_ids, dec_mask = decoder_inputs(self.config, decoder_input_ids, decoder_attention_mask, labels,
+                                           type(self).__name__)
+        enc, enc_hidden = self.encode(input_ids, attention_mask, deterministic=deterministic, rngs=rngs,
+                                      output_hidden_states=output_hidden_states)
+        out = self.decode(dec_ids, dec_mask, enc, attention_mask, deterministic=deterministic, rngs=rngs,
+                          output_hidden_states=output_hidden_states)
+        return out.replace(encoder_last_hidden_state=enc, encoder_hidden_states=enc_hidden)
+
+
+__all__ = ["IGNORE", "Seq2SeqCache", "Seq2SeqLM", "Seq2SeqOutput", "causal_bias", "decoder_inputs", "decoder_slots",
            "padding_bias", "shift_tokens_right", "write_cache"]

@@ -50,10 +50,10 @@ from jaxtune.models.dropout import Dropout, KeySplitter, as_key
 from jaxtune.models.kernels import dot_product_attention
 from jaxtune.models.layers import embed, layer_norm, linear
 from jaxtune.models.seq2seq import (
+    Seq2SeqLM,
     Seq2SeqCache,
     Seq2SeqOutput,
     causal_bias,
-    decoder_inputs,
     decoder_slots,
     padding_bias,
     shift_tokens_right,
@@ -387,7 +387,7 @@ class BartModel(nnx.Module):
                              encoder_hidden_states=enc_hidden)
 
 
-class BartForConditionalGeneration(nnx.Module):
+class BartForConditionalGeneration(Seq2SeqLM, nnx.Module):
     """`model` (BartModel) + LM head (tied to `shared` unless untied) + `final_logits_bias`."""
 
     hf_architecture = "BartForConditionalGeneration"
@@ -423,19 +423,6 @@ class BartForConditionalGeneration(nnx.Module):
             deterministic=deterministic, rngs=rngs, output_hidden_states=output_hidden_states)
         logits = self.lm_logits(h[:, -1] if last_only else h)
         return Seq2SeqOutput(logits=logits, last_hidden_state=h, hidden_states=hidden, past_key_values=new_cache)
-
-    def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                 labels=None, token_type_ids=None, position_ids=None, *, deterministic: bool = True, rngs=None,
-                 output_hidden_states: bool = False) -> Seq2SeqOutput:
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        dec_ids, dec_mask = decoder_inputs(self.config, decoder_input_ids, decoder_attention_mask, labels,
-                                           type(self).__name__)
-        enc, enc_hidden = self.encode(input_ids, attention_mask, deterministic=deterministic, rngs=rngs,
-                                      output_hidden_states=output_hidden_states)
-        out = self.decode(dec_ids, dec_mask, enc, attention_mask, deterministic=deterministic, rngs=rngs,
-                          output_hidden_states=output_hidden_states)
-        return out.replace(encoder_last_hidden_state=enc, encoder_hidden_states=enc_hidden)
 
 
 class MarianModel(BartModel):

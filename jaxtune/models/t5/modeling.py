@@ -43,10 +43,10 @@ from jaxtune.models.dropout import Dropout, KeySplitter, as_key
 from jaxtune.models.kernels import dot_product_attention
 from jaxtune.models.layers import embed, linear
 from jaxtune.models.seq2seq import (
+    Seq2SeqLM,
     Seq2SeqCache,
     Seq2SeqOutput,
     causal_bias,
-    decoder_inputs,
     decoder_slots,
     padding_bias,
     write_cache,
@@ -394,7 +394,7 @@ class T5EncoderModel(nnx.Module):
         return Seq2SeqOutput(last_hidden_state=h, hidden_states=hidden)
 
 
-class T5ForConditionalGeneration(T5EncoderModel):
+class T5ForConditionalGeneration(Seq2SeqLM, T5EncoderModel):
     """Encoder + decoder + LM head (`seq2seq-lm`); see `jaxtune.models.seq2seq` for the interface."""
 
     hf_architecture = "T5ForConditionalGeneration"
@@ -439,19 +439,6 @@ class T5ForConditionalGeneration(T5EncoderModel):
                                       mask=slot_mask, index=cache.index + decoder_input_ids.shape[1])
         logits = self.lm_logits(h[:, -1] if last_only else h)
         return Seq2SeqOutput(logits=logits, last_hidden_state=h, hidden_states=hidden, past_key_values=new_cache)
-
-    def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                 labels=None, token_type_ids=None, position_ids=None, *, deterministic: bool = True, rngs=None,
-                 output_hidden_states: bool = False) -> Seq2SeqOutput:
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        dec_ids, dec_mask = decoder_inputs(self.config, decoder_input_ids, decoder_attention_mask, labels,
-                                           type(self).__name__)
-        enc, enc_hidden = self.encode(input_ids, attention_mask, deterministic=deterministic, rngs=rngs,
-                                      output_hidden_states=output_hidden_states)
-        out = self.decode(dec_ids, dec_mask, enc, attention_mask, deterministic=deterministic, rngs=rngs,
-                          output_hidden_states=output_hidden_states)
-        return out.replace(encoder_last_hidden_state=enc, encoder_hidden_states=enc_hidden)
 
 
 class MT5EncoderModel(T5EncoderModel):
