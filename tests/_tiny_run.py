@@ -111,6 +111,12 @@ def cli(*args, env=None, timeout=240, **kw) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env={**os.environ, **(env or {})}, **kw)
 
 
+def one_device_env() -> dict:
+    """XLA_FLAGS without the test session's 8 fake CPU devices: one device, as a user's machine has."""
+    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    return {"XLA_FLAGS": " ".join(flags.split())}  # XLA reads a flags value that is not "--..." as a file
+
+
 def popen(*args, env=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "jaxtune.cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
@@ -146,9 +152,14 @@ _assets: dict = {}
 
 def shared_env(tmp_path_factory) -> dict:
     """The environment of every tiny subprocess of a test session: one JAX compilation cache
-    (programs compiled once, for every run with the same shapes and device count)."""
-    cache = tmp_path_factory.getbasetemp() / "tiny-shared" / "jax-cache"
-    return {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    (programs compiled once, for every run with the same shapes and device count), shared by
+    pytest-xdist's workers too: each has its own basetemp (pytest-N/popen-gwK), their parent is
+    the session's. A size limit turns on JAX's file lock around cache reads and writes, so one
+    process never reads an entry another is still writing."""
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax-cache"
+    return {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_COMPILATION_CACHE_MAX_SIZE": str(16 << 30)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +298,8 @@ class Warm:
             self.count += 1
             n = self.count
         out, err = self.folder / f"{n}.stdout", self.folder / f"{n}.stderr"
+        for f in (out, err):  # a child killed before it opens them has written nothing, not no file
+            f.touch()
         args = [str(a) for a in args]
         request = {"id": n, "args": args, "env": env or {}, "cwd": str(cwd or os.getcwd()),
                    "stdout": str(out), "stderr": str(err), **({"code": code} if code is not None else {})}

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,8 +22,11 @@ def jaxtune_cli(*args, cwd=None):
 def test_help_version_and_ls():
     assert "Fine-tune" in jaxtune_cli("--help").stdout
     assert jaxtune.__version__ in jaxtune_cli("--version").stdout
-    listing = jaxtune_cli("ls").stdout
-    assert listing.startswith("quickstart") and "MiniLM" in listing
+    listing = jaxtune_cli("ls").stdout.splitlines()
+    names = [line.split()[0] for line in listing]
+    bundled = sorted(p.stem for p in (Path(jaxtune.__file__).parent / "recipes").glob("*.yaml"))
+    assert names == bundled  # every bundled recipe, one line each, by name
+    assert "MiniLM" in listing[names.index("quickstart")]  # with its header's first line
 
 
 def test_validate_prints_the_resolved_recipe_with_overrides():

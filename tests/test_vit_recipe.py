@@ -5,7 +5,6 @@ images and exports. Missing files FAIL the test (with how to install them), they
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,7 @@ def test_a_few_steps_on_the_real_fashion_mnist(tmp_path):
         pytest.fail(f"Fashion-MNIST is missing ({', '.join(missing)} in {FASHION}); install it with "
                     "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu)")
     # One CPU device, as the recipe's header was measured (the test session fakes eight).
-    env = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")}
+    env = tr.one_device_env()
     proc = tr.cli("run", "vit_fashion_mnist", "train.steps=60", "train.eval_every=60", "train.log_every=20",
                   "data.validation_fraction=0.02", f"output_dir={tmp_path / 'run'}",
                   f"data.cache_dir={tmp_path / 'cache'}", env=env, timeout=600)
@@ -94,7 +93,7 @@ def test_the_same_recipe_fine_tunes_a_pretrained_vit_from_the_hf_cache(tmp_path,
     batch = next(build_data(recipe, None, images).eval_batches("validation"))
     assert batch["pixel_values"].shape[1:] == (3, 224, 224) and batch["pixel_values"].min() < -0.9  # (0 - .5) / .5
 
-    env = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", ""),
+    env = {**tr.one_device_env(),
            "HF_HUB_CACHE": str(tmp_path / "hub")}
     proc = tr.cli("run", "vit_fashion_mnist", *overrides, "train.steps=2", "train.batch_size=8",
                   "train.eval_batch_size=40", f"output_dir={tmp_path / 'run'}", env=env, timeout=600)

@@ -21,8 +21,9 @@ import _tiny_llama as tl
 
 CASES = [  # (config, mesh sizes (data, fsdp, tensor), kv output spec, base_dtype)
     (tl.SHARDED, (2, 2, 2), "tensor", None),  # 2 kv heads of 8 over tensor=2
-    (tl.SHARDED_KV_REPLICATED, (1, 2, 4), None, None),  # qwen3: 1 kv head of 6 over tensor=4: replicated
-    (tl.SHARDED, (2, 2, 2), "tensor", "nf4"),
+    # an NF4 base, on the mesh whose tensor axis does not divide the kv projections (one case, not
+    # two: each costs ~20 s of compilation)
+    (tl.SHARDED_KV_REPLICATED, (1, 2, 4), None, "nf4"),  # qwen3: 1 kv head of 6 over tensor=4: replicated
 ]
 
 
@@ -43,7 +44,7 @@ def _train(plan, config, batches, base_dtype):
     return state, losses, before
 
 
-@pytest.mark.parametrize("config,sizes,kv,base_dtype", CASES, ids=["kv-split", "kv-replicated", "nf4"])
+@pytest.mark.parametrize("config,sizes,kv,base_dtype", CASES, ids=["kv-split", "kv-replicated-nf4"])
 def test_llama_lora_on_8_devices_equals_one_device(config, sizes, kv, base_dtype):
     batches = tg.lm_batches(steps=3)
     one, losses1, _ = _train(Plan.from_config(None, devices=jax.devices()[:1]), config, batches, base_dtype)
