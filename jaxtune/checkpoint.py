@@ -115,6 +115,7 @@ class _QuietSiblingReadErrors(logging.Filter):
     def __init__(self):
         super().__init__()
         self.damaged: set[str] = set()
+        self.mismatch_reported = False  # its siblings' shape errors name no folder
 
     def filter(self, record: logging.LogRecord) -> bool:
         e = record.exc_info[1] if record.exc_info else None
@@ -122,7 +123,8 @@ class _QuietSiblingReadErrors(logging.Filter):
             return True
         # also a failed save's parallel writes into its temporary folder: save/wait/close raise
         # the save's own error (CheckpointNotSaved)
-        return not (self.names_damaged(str(e)) or _TMP_FOLDER in str(e))
+        return not (self.names_damaged(str(e)) or _TMP_FOLDER in str(e)
+                    or (self.mismatch_reported and any(m in str(e) for m in _MISMATCH)))
 
     def names_damaged(self, text: str) -> bool:
         return any(d in text for d in self.damaged)
@@ -509,9 +511,13 @@ class Checkpoints:
             return out
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if not isinstance(e, _DAMAGE) or first.startswith("RESOURCE_EXHAUSTED") or any(m in first for m in _MISMATCH):
+            # A mismatch keeps the folder listed too: the restore's other reads fail the same way
+            # after it is reported, and their echoes (tracebacks, some with TensorStore's whole
+            # spec) would follow the one error line.
+            if not isinstance(e, _DAMAGE) or first.startswith("RESOURCE_EXHAUSTED"):
                 _sibling_read_errors.damaged.discard(folder)
             if isinstance(e, ValueError) and any(m in first for m in _MISMATCH):
+                _sibling_read_errors.mismatch_reported = True
                 raise CheckpointMismatch(
                     f"checkpoint step {step} in {self.directory} does not fit {what} "
                     f"({first.rstrip(':')}){hint}"
