@@ -17,7 +17,6 @@ import optax
 import pytest
 import yaml
 from jax.sharding import PartitionSpec as P
-from PIL import Image
 
 from jaxtune import parallel
 from jaxtune.config import MeshConfig, load_recipe
@@ -156,18 +155,6 @@ def test_freeze_batchnorm_on_a_model_without_batchnorm_is_one_line(tmp_path):
     check_model(load_recipe(recipe, ["model.config={model_type: resnet}"]))  # a ResNet has BatchNorm
 
 
-def image_folder(root):
-    """Two classes of 12 x 12 grayscale images: dark squares top-left vs bottom-right."""
-    rng = np.random.default_rng(0)
-    for label, corner in (("tl", (0, 0)), ("br", (6, 6))):
-        (root / label).mkdir(parents=True)
-        for i in range(16):
-            a = rng.integers(0, 80, (12, 12)).astype(np.uint8)
-            a[corner[0]:corner[0] + 6, corner[1]:corner[1] + 6] += 150
-            Image.fromarray(a).save(root / label / f"{i}.png")
-    return root
-
-
 def test_a_recipe_run_checkpoints_resumes_and_exports_the_statistics(tmp_path):
     import torch
     import transformers
@@ -177,7 +164,7 @@ def test_a_recipe_run_checkpoints_resumes_and_exports_the_statistics(tmp_path):
         "task": "image-classification",
         "model": {"config": {"model_type": "resnet", "num_channels": 1, "embedding_size": 8,
                              "hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"}},
-        "data": {"train": f"images:{image_folder(tmp_path / 'images')}", "validation_fraction": 0.0,
+        "data": {"train": f"images:{tr.image_folder(tmp_path / 'images')}", "validation_fraction": 0.0,
                  # soft labels from smoothing (mixup / cutmix draws are keyed the same way: test_augment)
                  "augment": {"crop_scale": [0.5, 1.0], "hflip": True, "label_smoothing": 0.1},
                  "cache_dir": str(tmp_path / "cache")},

@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 from jaxtune.errors import DataError
-from jaxtune.models.hf import resolve_model_dir
+from jaxtune.models import timm_folder
+from jaxtune.models.hf import read_config, resolve_model_dir
 from jaxtune.paths import resolve_path
 
 
@@ -86,13 +87,16 @@ class ImageSettings:
 
 
 def image_settings_from_model(path) -> Optional[dict]:
-    """The model folder's preprocessor_config.json as a dict, or None. `path` may also be an HF
-    hub id in the local HF cache (e.g. google/vit-base-patch16-224-in21k), as model.path may."""
+    """The model folder's preprocessor_config.json as a dict (a timm folder: its config.json's
+    `pretrained_cfg`, as `jaxtune.models.timm_folder.image_processor` reads it), or None. `path`
+    may also be an HF hub id in the local HF cache (e.g. google/vit-base-patch16-224-in21k)."""
     folder = Path(resolve_path(path))
     if not folder.is_dir():
         folder = resolve_model_dir(path)  # the HF cache, or a one-line error naming the path
     f = folder / "preprocessor_config.json"
-    return json.loads(f.read_text()) if f.exists() else None
+    if f.exists():
+        return json.loads(f.read_text())
+    return timm_folder.image_processor(read_config(folder)) if (folder / "config.json").is_file() else None
 
 
 def channels_of(image) -> int:

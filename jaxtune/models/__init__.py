@@ -10,7 +10,8 @@ Modules (one concern each): `config` (ConfigBase, EncoderConfig, DTYPES), `outpu
 share), `kernels` (attention, dense, GELU: `cpu` and `xla` sets, chosen per backend), `family`
 (the family record, key tables, `define`), `trees` (key paths, flat tables, split/merge),
 `pretrained` (registry, loading, export), `hf` (checkpoint files), `gguf` (a .gguf file as an HF
-folder: config, lazily dequantized tensors, tokenizer), `generate`, `verify`.
+folder: config, lazily dequantized tensors, tokenizer), `timm_folder` (a timm checkpoint folder's
+config.json, read for the `timm_resnet` / `timm_vgg` families and written back), `generate`, `verify`.
 """
 
 from jaxtune.models import kernels

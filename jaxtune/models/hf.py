@@ -4,7 +4,9 @@ Reading supports a single `model.safetensors`, sharded safetensors (`model.safet
 and `pytorch_model.bin` (torch only if installed). Nothing here knows about model families.
 
 A `.gguf` file stands in for a whole folder: `resolve_model_dir` returns the file itself, and
-`read_config`, `open_checkpoint` and `config_source` read it through `jaxtune.models.gguf`.
+`read_config`, `open_checkpoint` and `config_source` read it through `jaxtune.models.gguf`. A timm
+folder (config.json with `architecture`, no `model_type`) reads like an HF one: `read_config`
+translates its config (`jaxtune.models.timm_folder`); its weights carry the timm families' keys.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxtune.errors import ModelLoadError
-from jaxtune.models import gguf as gguf_io
+from jaxtune.models import gguf as gguf_io, timm_folder
 from jaxtune.models.gguf import is_gguf
 from jaxtune.paths import resolve_path
 
@@ -103,6 +105,8 @@ def read_config(folder: Path) -> dict:
         raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{path}: expected a JSON object")
+    if timm_folder.is_timm_config(config):  # timm's config.json: as jaxtune's timm families read it
+        return timm_folder.as_jaxtune_config(config, path)
     return config
 
 

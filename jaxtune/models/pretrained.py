@@ -42,6 +42,8 @@ REGISTRY = {
     "qwen2": "jaxtune.models.llama",
     "qwen3": "jaxtune.models.llama",
     "resnet": "jaxtune.models.resnet",
+    "timm_resnet": "jaxtune.models.resnet",  # timm folders (jaxtune.models.timm_folder)
+    "timm_vgg": "jaxtune.models.vgg",
     "bart": "jaxtune.models.bart",
     "marian": "jaxtune.models.bart",
     "mt5": "jaxtune.models.t5",
@@ -351,6 +353,16 @@ def export_tensors(model: nnx.Module, params: Optional[dict] = None,
     return tensors
 
 
+def checkpoint_config(model: nnx.Module) -> dict:
+    """The config.json an export writes: transformers', or the format the model's checkpoint came
+    in when its config says how (`to_checkpoint_config`: timm's for timm models)."""
+    if hasattr(model.config, "to_checkpoint_config"):
+        return model.config.to_checkpoint_config(type(model))
+    config = model.config.to_hf()
+    config["architectures"] = [type(model).hf_architecture]
+    return config
+
+
 def save_pretrained(
     model: nnx.Module,
     out_dir: str | os.PathLike,
@@ -359,7 +371,8 @@ def save_pretrained(
     params: Optional[dict] = None,
     batch_stats: Optional[dict] = None,
 ) -> Path:
-    """Write `config.json` + `model.safetensors` (+ tokenizer) that transformers loads.
+    """Write `config.json` + `model.safetensors` (+ tokenizer) that transformers loads (a model read
+    from a timm folder: the folder timm loads, `jaxtune.models.timm_folder`).
 
     `tokenizer`: an HF tokenizer / processor object (its `save_pretrained` is called), a folder to
     copy tokenizer files from, or a `.gguf` file whose tokenizer (and chat template) is written.
@@ -370,8 +383,7 @@ def save_pretrained(
     tensors = export_tensors(model, params, batch_stats)
     if jax.process_index() != 0:
         return out
-    config = model.config.to_hf()
-    config["architectures"] = [type(model).hf_architecture]
+    config = checkpoint_config(model)
     hf.write_safetensors(tensors, out)
     hf.write_config(config, out)
     if tokenizer is not None:

@@ -32,6 +32,11 @@ HF_AUTO_CLASSES = {
 EXAMPLE_LEVEL = ("sequence-classification", "image-classification")
 
 
+
+def first_line(e: Exception) -> str:
+    """An exception as one line: its first non-blank line (some start with a newline), else its type."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
 def random_batch(config, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random token ids with right padding (row i keeps seq - i * seq // (2 * batch) tokens);
     for image models (a config with `num_channels`), random pixel_values (B, C, H, W); for speech
@@ -104,12 +109,12 @@ def verify(model_dir: str | os.PathLike, task: Optional[str] = None, *, batch: i
             if hf.is_gguf(folder) else dict(pretrained_model_name_or_path=str(folder))
         theirs = auto.from_pretrained(**where, dtype=torch.float32).eval()
     except Exception as e:  # transformers' own loading error, as one line
-        raise ModelLoadError(f"{folder}: transformers cannot load it: {str(e).splitlines()[0]}")
+        raise ModelLoadError(f"{folder}: transformers cannot load it: {first_line(e)}")
     with torch.no_grad():
         try:
             ref = theirs(**{k: torch.from_numpy(v) for k, v in inputs.items()}, output_hidden_states=True)
         except Exception as e:  # e.g. GPT-2 classification without pad_token_id
-            raise ModelLoadError(f"{folder}: transformers cannot run it: {str(e).splitlines()[0]}")
+            raise ModelLoadError(f"{folder}: transformers cannot run it: {first_line(e)}")
     # Full fp32 matmuls: on GPUs/TPUs the default precision may use TF32/bf16 passes, which would
     # hide implementation errors below (or raise them above) the tolerance.
     with jax.default_matmul_precision("highest"):

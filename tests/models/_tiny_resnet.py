@@ -79,3 +79,18 @@ def torch_forward(model, batch: dict, **kwargs):
 
 def max_diff(ours, theirs) -> float:
     return float(np.max(np.abs(np.asarray(ours, np.float64) - np.asarray(theirs, np.float64))))
+
+
+def image_folder(root: Path, per_class: int = 16) -> Path:
+    """Two classes of 12 x 12 grayscale PNGs (an `images:` source): bright squares top-left vs
+    bottom-right on noise, so a small convolutional model learns them in a few steps."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label, corner in (("tl", (0, 0)), ("br", (6, 6))):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            a = rng.integers(0, 80, (12, 12)).astype(np.uint8)
+            a[corner[0]:corner[0] + 6, corner[1]:corner[1] + 6] += 150
+            Image.fromarray(a).save(root / label / f"{i}.png")
+    return root

@@ -13,6 +13,8 @@ import sys
 
 from click.testing import CliRunner
 
+from jaxtune.models.verify import first_line
+
 BREAK_ROBERTA_POSITIONS = (
     "import sys, jax.numpy as jnp; from jaxtune.models.roberta import modeling as m; "
     "m.RobertaEmbeddings.default_position_ids = "
@@ -75,3 +77,10 @@ def test_verify_without_torch_exits_2(tiny, monkeypatch):
     assert result.exit_code == 2
     assert result.output.startswith("error: ") and "PyTorch" in result.output
     assert result.output.count("\n") == 1
+
+
+def test_an_error_message_that_starts_with_a_newline_is_still_one_line():
+    # transformers' ImportError for timm folders starts with "\n"; an empty message names its type
+    assert first_line(ImportError("\nTimmWrapper requires the timm library\nsee ...")) == \
+        "TimmWrapper requires the timm library"
+    assert first_line(RuntimeError("")) == "RuntimeError"

@@ -17,6 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # Logical axis name of a layer's channels (output channels of a convolution): 'embed' is split
@@ -89,6 +90,24 @@ def max_pool(x_BHWC, window: int, stride: int, padding: int):
                                  (1, stride, stride, 1), p)
 
 
+def _adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in): output i averages inputs floor(i * n_in / n_out) .. ceil((i + 1) * n_in / n_out) - 1,
+    PyTorch's adaptive pooling windows (which overlap, or repeat inputs, when n_out > n_in)."""
+    m = np.zeros((n_out, n_in), np.float32)
+    for i in range(n_out):
+        start, end = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def adaptive_avg_pool(x_BHWC, out_hw: tuple[int, int]):
+    """PyTorch's adaptive_avg_pool2d to `out_hw`, also to a larger size (timm's VGG head pools a
+    small feature map UP to 7 x 7): a fixed averaging matrix per spatial axis."""
+    ph = jnp.asarray(_adaptive_pool_matrix(x_BHWC.shape[1], out_hw[0]), x_BHWC.dtype)
+    pw = jnp.asarray(_adaptive_pool_matrix(x_BHWC.shape[2], out_hw[1]), x_BHWC.dtype)
+    return jnp.einsum("ih,jw,bhwc->bijc", ph, pw, x_BHWC, precision=jax.lax.Precision.HIGHEST)
+
+
 def nchw_to_nhwc(x):
     return jnp.transpose(x, (0, 2, 3, 1))
 
@@ -107,5 +126,5 @@ def conv_weight_from_torch(a):
     return a.transpose(2, 3, 1, 0).copy() if a.ndim == 4 else a
 
 
-__all__ = ["BatchNorm2d", "CHANNELS", "Conv2d", "conv_weight_from_torch", "conv_weight_to_torch",
+__all__ = ["BatchNorm2d", "CHANNELS", "Conv2d", "adaptive_avg_pool", "conv_weight_from_torch", "conv_weight_to_torch",
            "max_pool", "nchw_to_nhwc", "nhwc_to_nchw"]
