@@ -1,6 +1,7 @@
 """tools/translation_data.py (the translate_messages_de recipe's data) on catalogs written here:
 the .mo reader (both byte orders, a Latin-1 header, context and plural entries), what is left out,
-the splits, and the tokenizer; tools/translation_baselines.py's translation memory."""
+the splits, and the tokenizer; tools/translation_baselines.py's translation memory; the bundled
+recipe translate_messages_de reads what the tool writes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import struct
 
 import pytest
 from transformers import AutoTokenizer
+
+from jaxtune.config import find_recipe, load_recipe
 
 import translation_baselines
 import translation_data
@@ -99,3 +102,20 @@ def test_translation_memory_proposes_the_nearest_sources_translation():
         ["Datei %s konnte nicht geöffnet werden", "Zugriff verweigert", "unbekannte Option"],
         ["could not open the file %s", "unknown options", "Permission denied!"], chunk=2)
     assert memory == ["Datei %s konnte nicht geöffnet werden", "unbekannte Option", "Zugriff verweigert"]
+
+
+def test_the_bundled_recipe_reads_what_the_tool_writes_and_states_its_result():
+    lines = find_recipe("translate_messages_de").read_text().splitlines()
+    assert lines[0] == "# jaxtune run translate_messages_de"
+    header = "\n".join(line for line in lines if line.startswith("#"))
+    for claim in ("tools/translation_data.py", "test BLEU", "chrF", "min", "translation memory"):
+        assert claim in header, claim
+    r = load_recipe("translate_messages_de")
+    out = translation_data.OUT
+    assert r.task == "seq2seq-lm" and r.model.config["model_type"] == "marian" and r.model.path is None
+    assert (r.data.train, r.data.validation, r.data.test) == tuple(
+        f"tsv:{out}/{name}.tsv" for name in ("train", "validation", "test"))
+    assert (r.data.source_column, r.data.target_column) == ("source", "target")
+    assert r.model.tokenizer == f"{out}/tokenizer" and r.model.config["vocab_size"] == translation_data.VOCAB_SIZE
+    # the ids the tokenizer is built with (pad 0, eos 1) are the model's
+    assert (r.model.config["pad_token_id"], r.model.config["eos_token_id"]) == (0, 1)

@@ -113,12 +113,17 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
+# Where the translate_messages_de recipe reads its data and the vocabulary its model is sized for.
+OUT = "data/translation_de"
+VOCAB_SIZE = 8000
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--locale-dir", default="/usr/share/locale/de/LC_MESSAGES")
-    parser.add_argument("--out", default="data/translation_de", help="output folder (default data/translation_de)")
+    parser.add_argument("--out", default=OUT, help=f"output folder (default {OUT})")
     parser.add_argument("--max-chars", type=int, default=100)
-    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--validation-size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
